@@ -163,21 +163,12 @@ def evaluate(logits_fn, device, split="val", rank=0, world_size=1, limit=None, m
 
 def load_model(name_or_path, device):
     """A train_gpt2.py checkpoint (.pt) or a transformers GPT-2 (hub name or directory) -> (logits_fn, max_len)."""
+    from train_gpt2 import load_hf_gpt2, load_model_checkpoint
+
     if name_or_path.endswith(".pt"):
-        from train_gpt2 import load_model_checkpoint
-
-        model = load_model_checkpoint(name_or_path, device)
-        model.eval()
+        model = load_model_checkpoint(name_or_path, device).eval()
         return (lambda tokens: model(tokens)[0]), model.config.block_size
-    from transformers import GPT2LMHeadModel
-
-    try:
-        model = GPT2LMHeadModel.from_pretrained(name_or_path)
-    except OSError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise HellaSwagError(f"could not load model {name_or_path!r} ({first_line}); with no network, "
-                             "pass a local save_pretrained directory or a .pt checkpoint") from None
-    model.to(device).eval()
+    model = load_hf_gpt2(name_or_path).to(device).eval()
     return (lambda tokens: model(tokens).logits), model.config.n_positions
 
 
@@ -195,6 +186,7 @@ def main(argv=None):
 
     device = args.device or autodetect_device()
     try:
+        download(args.split, args.cache_dir)  # the data first: it is the quicker thing to find missing
         logits_fn, max_len = load_model(args.model, device)
         r = evaluate(logits_fn, device, split=args.split, limit=args.limit, max_len=max_len,
                      cache_dir=args.cache_dir, progress=True)

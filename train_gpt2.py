@@ -16,6 +16,7 @@ import glob
 import inspect
 import math
 import os
+import pickle
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -32,6 +33,23 @@ import hellaswag
 
 class UserError(Exception):
     """A problem the user can fix (bad flag, missing file); printed as one line, no traceback."""
+
+
+def first_line(e):
+    """The first line of an exception's message, for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def load_hf_gpt2(name_or_path):
+    """transformers' GPT2LMHeadModel from the hub or a save_pretrained directory."""
+    from transformers import GPT2LMHeadModel  # imported here: slow, and only needed for OpenAI's weights
+
+    try:
+        return GPT2LMHeadModel.from_pretrained(name_or_path)
+    except OSError as e:
+        raise UserError(f"could not load {name_or_path!r} with transformers ({first_line(e)}); "
+                        "with no network, pass a local directory saved by save_pretrained") from None
 
 
 # -----------------------------------------------------------------------------
@@ -175,18 +193,11 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path):
         """Load OpenAI's GPT-2 weights (or any transformers GPT-2 checkpoint directory) into this model."""
-        from transformers import GPT2LMHeadModel  # imported here: slow, and only this method needs it
-
         hub_names = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
         if name_or_path not in hub_names and not os.path.isdir(name_or_path):
             raise UserError(f"--model {name_or_path!r} is neither one of {', '.join(hub_names)} "
                             "nor a directory holding a transformers GPT-2 checkpoint")
-        try:
-            hf_model = GPT2LMHeadModel.from_pretrained(name_or_path)
-        except OSError as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"could not load {name_or_path!r} with transformers ({first_line}); "
-                            "with no network, pass a local directory saved by save_pretrained") from None
+        hf_model = load_hf_gpt2(name_or_path)
         hf = hf_model.config
         if hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh") or hf.n_inner not in (None, 4 * hf.n_embd) \
                 or hf.layer_norm_epsilon != 1e-5:
@@ -370,9 +381,8 @@ def load_model_checkpoint(path, device="cpu"):
         model.load_state_dict(ckpt["model"])
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} does not exist") from None
-    except (RuntimeError, KeyError, TypeError, EOFError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a readable train_gpt2.py checkpoint ({reason})") from None
+    except (RuntimeError, KeyError, TypeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        raise UserError(f"{path} is not a readable train_gpt2.py checkpoint ({first_line(e)})") from None
     return model.to(device)
 
 
@@ -549,10 +559,16 @@ def train(args):
     train_loader = DataLoaderLite(B, T, ddp_rank, ddp_world_size, "train", args.data_dir)
     val_loader = DataLoaderLite(B, T, ddp_rank, ddp_world_size, "val", args.data_dir)
     enc = None
-    if args.sample and master_process:
-        enc = hellaswag.get_encoder()
-    if args.hellaswag:
-        hellaswag.download("val")
+    try:
+        if args.sample or args.hellaswag:
+            enc = hellaswag.get_encoder()
+    except hellaswag.HellaSwagError as e:
+        raise UserError(f"{e}; or pass --no-sample --no-hellaswag") from None
+    try:
+        if args.hellaswag:
+            hellaswag.download("val")
+    except hellaswag.HellaSwagError as e:
+        raise UserError(f"{e}; or pass --no-hellaswag") from None
     log_file = prepare_log_dir(args.log_dir, args.overwrite) if master_process else None
 
     if ddp:
@@ -668,7 +684,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         train(args)
-    except (UserError, hellaswag.HellaSwagError) as e:
+    except UserError as e:
         sys.exit(f"train_gpt2.py: error: {e}")
 
 

@@ -1,0 +1,113 @@
+"""
+Shared fixtures. Data comes from ../shared/data when it is there (CI), else from the network
+exactly as the real code fetches it; with neither, the tests that need it skip with the reason.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
+sys.path.insert(0, REPO)
+
+# hub lookups would retry for ~25 s before failing; tests never need the hub
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))
+
+TINY_MODEL = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64"]
+
+
+@pytest.fixture(scope="session")
+def enc():
+    """tiktoken's GPT-2 encoding, from the shared cache or the network."""
+    import tiktoken
+
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        pytest.skip(f"GPT-2 BPE unavailable: no {SHARED}/tiktoken_cache and no network ({type(e).__name__})")
+
+
+@pytest.fixture(scope="session")
+def hellaswag_dir(tmp_path_factory, enc):
+    """A HellaSwag cache dir holding hellaswag_val.jsonl; also exported as HELLASWAG_CACHE_DIR."""
+    import hellaswag
+
+    cache = str(tmp_path_factory.mktemp("hellaswag"))
+    shared = os.path.join(SHARED, "hellaswag", "hellaswag_val_preprocessed.jsonl")
+    if os.path.exists(shared):
+        shutil.copy(shared, os.path.join(cache, "hellaswag_val.jsonl"))
+    else:
+        try:
+            hellaswag.download("val", cache)
+        except hellaswag.HellaSwagError as e:
+            pytest.skip(f"HellaSwag val unavailable: no {shared} and no network ({e})")
+    os.environ["HELLASWAG_CACHE_DIR"] = cache
+    return cache
+
+
+@pytest.fixture(scope="session")
+def shakespeare_path():
+    path = os.path.join(SHARED, "tinyshakespeare", "input.txt")
+    if not os.path.exists(path):
+        pytest.skip(f"no {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shakespeare_shards(tmp_path_factory, shakespeare_path, enc):
+    """Tiny Shakespeare through fineweb.py: 100k-token shards, shard 0 = val (about 338k tokens in all)."""
+    import fineweb
+
+    out = str(tmp_path_factory.mktemp("shakespeare") / "shards")
+    fineweb.main(["--dataset", shakespeare_path, "--out_dir", out, "--shard_size", "100000", "--num_proc", "1"])
+    return out
+
+
+def write_shards(root, lengths, split="train", first_index=1, dtype=np.uint16):
+    """Shards whose token at offset j of shard i is (1000 * i + j) % 50000: every batch shows where it came from."""
+    os.makedirs(root, exist_ok=True)
+    paths = []
+    for i, n in enumerate(lengths):
+        path = os.path.join(root, f"edufineweb_{split}_{first_index + i:06d}.npy")
+        np.save(path, ((1000 * i + np.arange(n)) % 50000).astype(dtype))
+        paths.append(path)
+    return paths
+
+
+def run(args, cwd=None, timeout=600, env=None):
+    """Run a command; stdout and stderr captured as text."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_script(script, *args, **kwargs):
+    return run([sys.executable, os.path.join(REPO, script), *map(str, args)], **kwargs)
+
+
+def assert_one_line_error(proc, *needles):
+    """A user error: non-zero exit, no traceback, and a last stderr line that names the problem."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    for needle in needles:
+        assert needle in last, last
+    return last
+
+
+def read_log(path):
+    """log.txt -> {kind: {step: value}}"""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            step, kind, value = line.split()
+            out.setdefault(kind, {})[int(step)] = float(value)
+    return out

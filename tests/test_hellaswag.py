@@ -1,0 +1,126 @@
+"""HellaSwag: rendering, the scoring rule, evaluation across ranks, the command line."""
+
+import itertools
+import os
+
+import pytest
+import torch
+from conftest import assert_one_line_error, run_script
+
+import hellaswag
+
+
+def test_render_every_val_example(hellaswag_dir, enc):
+    n = 0
+    for n, example in enumerate(hellaswag.iterate_examples("val", hellaswag_dir), start=1):
+        data, tokens, mask, label = hellaswag.render_example(example)
+        ctx = enc.encode(example["ctx"])
+        ends = [enc.encode(" " + e) for e in example["endings"]]
+        width = max(len(ctx) + len(e) for e in ends)
+        assert tokens.shape == mask.shape == (4, width) and tokens.dtype == mask.dtype == torch.long
+        assert label == data["label"] == example["label"] and data["ctx_tokens"] == ctx
+        assert data["ending_tokens"] == ends
+        for i, end in enumerate(ends):
+            row = ctx + end
+            assert tokens[i, :len(row)].tolist() == row and not tokens[i, len(row):].any()
+            assert mask[i].tolist() == [0] * len(ctx) + [1] * len(end) + [0] * (width - len(row))
+    assert n == 10042
+
+
+def test_first_val_example(hellaswag_dir):
+    example = next(hellaswag.iterate_examples("val", hellaswag_dir))
+    assert example["ctx"].startswith("A man is sitting on a roof.") and example["label"] == 3
+
+
+def fixed_loss_logits(tokens, losses_per_row, vocab=50257):
+    """Logits under which every scored target of row i costs exactly losses_per_row[i] nats."""
+    logits = torch.zeros(tokens.size(0), tokens.size(1), vocab)
+    for i, loss in enumerate(losses_per_row):
+        # p(target) = e^-loss, the rest spread evenly: a target logit of log((V-1) p / (1 - p))
+        p = torch.exp(torch.tensor(-loss, dtype=torch.float64))
+        logits[i, torch.arange(tokens.size(1) - 1), tokens[i, 1:]] = torch.log((vocab - 1) * p / (1 - p)).float()
+    return logits
+
+
+def test_scoring_rule_mean_versus_sum():
+    # context of 2 tokens; row 0 ends with 1 token, row 1 with 4, rows 2-3 with 2
+    tokens = torch.tensor([[5, 6, 7, 0, 0, 0], [5, 6, 8, 9, 10, 11], [5, 6, 12, 13, 0, 0], [5, 6, 14, 15, 0, 0]])
+    mask = torch.tensor([[0, 0, 1, 0, 0, 0], [0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 0, 0], [0, 0, 1, 1, 0, 0]])
+    logits = fixed_loss_logits(tokens, [2.0, 1.0, 3.0, 3.0])
+    # row 1 has the lowest mean (1.0 per token) but not the lowest sum (4.0 against row 0's 2.0)
+    assert hellaswag.score_endings(tokens, mask, logits) == (0, 1)
+    # losses on unmasked positions (the context, the padding) do not count
+    logits[:, 0] = torch.randn(4, logits.size(-1)) * 10
+    logits[0, 3:] = torch.randn(3, logits.size(-1)) * 10
+    assert hellaswag.score_endings(tokens, mask, logits) == (0, 1)
+
+
+def oracle(labels, right=True):
+    """A 'model' that knows the answers: the gold row (or, if not right, the row after it) gets cheap tokens."""
+    labels = iter(labels)
+
+    def logits_fn(tokens):
+        losses = [5.0] * 4
+        label = next(labels)
+        losses[label if right else (label + 1) % 4] = 0.5
+        return fixed_loss_logits(tokens, losses)
+
+    return logits_fn
+
+
+def test_evaluate_counts_with_an_oracle(hellaswag_dir):
+    labels = [ex["label"] for ex in itertools.islice(hellaswag.iterate_examples("val", hellaswag_dir), 40)]
+    assert hellaswag.evaluate(oracle(labels), "cpu", limit=40) == (40, 40, 40)
+    assert hellaswag.evaluate(oracle(labels, right=False), "cpu", limit=40) == (0, 0, 40)
+
+
+def test_evaluate_splits_examples_across_ranks(hellaswag_dir):
+    """Rank r of W scores examples r, r+W, ...; summed over ranks the counts equal one process's."""
+    torch.manual_seed(0)
+    from train_gpt2 import GPT, GPTConfig
+
+    model = GPT(GPTConfig(block_size=128, vocab_size=50304, n_layer=1, n_head=2, n_embd=32)).eval()
+    fn = lambda tokens: model(tokens)[0]  # noqa: E731
+    whole = hellaswag.evaluate(fn, "cpu", limit=30)
+    parts = [hellaswag.evaluate(fn, "cpu", rank=r, world_size=3, limit=30) for r in range(3)]
+    assert [p.total for p in parts] == [10, 10, 10]
+    assert tuple(map(sum, zip(*parts))) == tuple(whole)
+
+
+def test_command_line_scores_transformers_and_checkpoints(tmp_path, hellaswag_dir):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from train_gpt2 import GPT, GPTConfig, save_checkpoint, parse_args
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=256)).save_pretrained(tmp_path / "hf")
+    proc = run_script("hellaswag.py", "-m", tmp_path / "hf", "-d", "cpu", "--limit", 12)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{tmp_path / 'hf'}: 12 examples | acc " in proc.stdout and "acc_norm 0." in proc.stdout
+
+    model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=1, n_head=2, n_embd=32))
+    save_checkpoint(str(tmp_path / "model_00010.pt"), model, 10, 9.5, parse_args([]))
+    proc = run_script("hellaswag.py", "-m", tmp_path / "model_00010.pt", "--limit", 12)
+    assert proc.returncode == 0, proc.stderr
+    assert "12 examples | acc " in proc.stdout
+
+    proc = run_script("hellaswag.py", "-m", tmp_path / "missing.pt")
+    assert_one_line_error(proc, "missing.pt does not exist")
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    proc = run_script("hellaswag.py", "-m", tmp_path / "bad.pt")
+    assert_one_line_error(proc, "bad.pt is not a readable train_gpt2.py checkpoint")
+
+
+def test_offline_download_names_url_and_path(tmp_path, monkeypatch, enc):
+    path = str(tmp_path / "hellaswag_val.jsonl")
+    url = "http://127.0.0.1:9/hellaswag_val.jsonl"  # nothing listens on the discard port
+    with pytest.raises(hellaswag.HellaSwagError) as e:
+        hellaswag.download_file(url, path)
+    assert url in str(e.value) and path in str(e.value)
+    assert os.listdir(tmp_path) == []  # no partial file left behind
+    # the command line turns it into one line naming the URL and where to put the file
+    monkeypatch.setitem(hellaswag.URLS, "val", url)
+    with pytest.raises(SystemExit) as e:
+        hellaswag.main(["-m", "gpt2", "--cache_dir", str(tmp_path)])
+    assert str(e.value).startswith("hellaswag.py: error: could not download " + url)
+    assert f"place it at {path}" in str(e.value)

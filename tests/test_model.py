@@ -1,0 +1,146 @@
+"""The GPT model, the optimizer groups and the learning-rate schedule."""
+
+import math
+
+import pytest
+import torch
+
+from train_gpt2 import GPT, GPTConfig, UserError, configure_optimizers, get_lr, parse_args
+
+TINY = GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=16)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """A small random transformers GPT-2, saved the way save_pretrained writes the real ones."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=3, n_head=4, n_embd=32, n_positions=48, vocab_size=211))
+    with torch.no_grad():  # non-trivial biases and LayerNorm gains, so a mis-mapped one shows
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    path = str(tmp_path_factory.mktemp("hf_gpt2"))
+    model.save_pretrained(path)
+    return path
+
+
+def test_from_pretrained_logits_match_transformers(hf_dir):
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    ours = GPT.from_pretrained(hf_dir).eval()
+    assert ours.config == GPTConfig(block_size=48, vocab_size=211, n_layer=3, n_head=4, n_embd=32)
+    idx = torch.randint(0, 211, (3, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (ours(idx)[0] - hf(idx).logits).abs().max().item()
+    assert diff < 1e-4
+
+
+def test_from_pretrained_rejects_unknown_names(tmp_path):
+    with pytest.raises(UserError, match="neither one of gpt2"):
+        GPT.from_pretrained("gpt3")
+    with pytest.raises(UserError, match="could not load"):
+        GPT.from_pretrained(str(tmp_path))  # a directory with no checkpoint in it
+
+
+def test_weight_tying_and_gpt2_124m_size():
+    model = GPT(GPTConfig(vocab_size=50304))
+    assert model.transformer.wte.weight is model.lm_head.weight
+    assert model.transformer.wte.weight.data_ptr() == model.lm_head.weight.data_ptr()
+    # GPT-2 124M: 124,439,808 parameters at vocab 50257; padding adds 47 rows of 768
+    assert model.num_params(non_embedding=False) == 124_439_808 + 47 * 768
+    assert model.num_params() == 124_439_808 + 47 * 768 - 1024 * 768
+    assert model.flops_per_token(1024) == 6 * model.num_params() + 12 * 12 * 12 * 64 * 1024
+
+
+def test_init_statistics():
+    torch.manual_seed(0)
+    n_layer = 4
+    model = GPT(GPTConfig(block_size=256, vocab_size=4096, n_layer=n_layer, n_head=4, n_embd=256))
+    residual_std = 0.02 / math.sqrt(2 * n_layer)
+    for name, p in model.named_parameters():
+        if name.endswith(".bias"):
+            assert torch.all(p == 0), name
+        elif ".ln_" in name or name.startswith("transformer.ln_f"):
+            assert torch.all(p == 1), name
+        else:
+            expected = residual_std if name.endswith("c_proj.weight") else 0.02
+            assert abs(p.std().item() - expected) < 0.03 * expected, (name, p.std().item(), expected)
+            assert abs(p.mean().item()) < 0.05 * expected, name
+
+
+def test_forward_shapes_and_initial_loss():
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    idx = torch.randint(0, TINY.vocab_size, (4, 32))
+    logits, loss = model(idx)
+    assert logits.shape == (4, 32, TINY.vocab_size) and loss is None
+    _, loss = model(idx, torch.randint(0, TINY.vocab_size, (4, 32)))
+    # small init: every token about equally likely, so the loss is near ln(vocab)
+    assert abs(loss.item() - math.log(TINY.vocab_size)) < 0.05
+    with pytest.raises(ValueError, match="longer than block_size"):
+        model(torch.zeros((1, 33), dtype=torch.long))
+
+
+def test_attention_is_causal():
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    idx = torch.randint(0, TINY.vocab_size, (1, 20))
+    changed = idx.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % TINY.vocab_size
+    with torch.no_grad():
+        a, b = model(idx)[0], model(changed)[0]
+    assert torch.equal(a[0, :10], b[0, :10])  # the future cannot reach the past
+    assert not torch.allclose(a[0, 10:], b[0, 10:])
+
+
+def test_generate_is_seeded_and_top_k_1_is_greedy():
+    torch.manual_seed(0)
+    model = GPT(TINY).eval()
+    idx = torch.randint(0, TINY.vocab_size, (2, 5))
+    out1 = model.generate(idx, 8, top_k=10, generator=torch.Generator().manual_seed(3))
+    out2 = model.generate(idx, 8, top_k=10, generator=torch.Generator().manual_seed(3))
+    assert out1.shape == (2, 13) and torch.equal(out1, out2) and torch.equal(out1[:, :5], idx)
+    greedy = idx
+    for _ in range(8):
+        greedy = torch.cat([greedy, model(greedy)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(model.generate(idx, 8, top_k=1), greedy)
+
+
+def test_optimizer_groups():
+    model = GPT(TINY)
+    opt = configure_optimizers(model, weight_decay=0.1, learning_rate=6e-4, device_type="cpu")
+    decay, nodecay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and nodecay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in nodecay["params"])
+    # every parameter exactly once (the tied embedding is one tensor)
+    ids = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    # decayed: wte(=lm_head), wpe, and the four matmul weights of each block
+    assert len(decay["params"]) == 2 + 4 * TINY.n_layer
+    assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-8
+    assert not opt.defaults.get("fused")  # fused is the CUDA kernel
+
+
+def test_lr_schedule_gpt2_recipe():
+    args = parse_args([])
+    assert (args.max_lr, args.min_lr_ratio, args.warmup_steps, args.max_steps) == (6e-4, 0.1, 715, 19073)
+    assert get_lr(0, args) == pytest.approx(6e-4 / 715)
+    assert get_lr(357, args) == pytest.approx(6e-4 * 358 / 715)
+    assert get_lr(714, args) == pytest.approx(6e-4)
+    assert get_lr(715, args) == pytest.approx(6e-4)  # cosine starts at the top
+    mid = 715 + (19073 - 715) // 2
+    assert get_lr(mid, args) == pytest.approx((6e-4 + 6e-5) / 2, rel=1e-3)
+    assert get_lr(19073, args) == pytest.approx(6e-5)
+    assert get_lr(30000, args) == pytest.approx(6e-5)
+    lrs = [get_lr(s, args) for s in range(715, 19074)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_defaults_are_the_gpt2_124m_recipe():
+    a = parse_args([])
+    assert (a.batch_size, a.seq_len, a.total_batch_size) == (64, 1024, 524288)
+    assert (a.weight_decay, a.grad_clip, a.eval_every, a.val_steps, a.checkpoint_every) == (0.1, 1.0, 250, 20, 5000)
+    assert (a.n_layer, a.n_head, a.n_embd, a.block_size, a.vocab_size) == (12, 12, 768, 1024, 50304)
+    assert a.seed == 1337 and a.hellaswag and a.data_dir == "edu_fineweb10B" and a.log_dir == "log"
