@@ -111,7 +111,7 @@ def test_existing_shards_are_kept_unless_overwrite(tmp_path, docs):
     assert "only the val shard was written" in proc.stdout
 
 
-def test_bad_inputs_give_one_line_errors(tmp_path):
+def test_bad_inputs_give_one_line_errors(tmp_path, enc):
     proc = run_script("fineweb.py", "--dataset", "no-such-org/no-such-dataset", "--out_dir", tmp_path / "o")
     assert_one_line_error(proc, "could not load no-such-org/no-such-dataset", "Hugging Face hub", "--dataset")
     proc = run_script("fineweb.py", "--dataset", tmp_path / "missing.jsonl", "--out_dir", tmp_path / "o")

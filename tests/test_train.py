@@ -85,11 +85,12 @@ def test_compile_on_runs_eval_and_sampling(shakespeare_shards, hellaswag_dir, tm
 def tiny_ddp_args(data_dir, log_dir, val_steps):
     return ["--data_dir", data_dir, "--log_dir", log_dir, *TINY_MODEL, "-B", 2, "-T", 32,
             "--total_batch_size", 256, "--max_steps", 8, "--warmup_steps", 2, "--max_lr", 1e-3,
-            "--eval_every", 3, "--val_steps", val_steps, "--no-hellaswag", "--no-sample"]
+            "--eval_every", 3, "--val_steps", val_steps, "--hellaswag_limit", 10, "--no-sample"]
 
 
-def test_two_process_torchrun_equals_one_process_with_double_accumulation(tmp_path):
-    """2 ranks x 2 micro-steps and 1 rank x 4 micro-steps see the same tokens and take the same steps."""
+def test_two_process_torchrun_equals_one_process_with_double_accumulation(tmp_path, hellaswag_dir):
+    """2 ranks x 2 micro-steps and 1 rank x 4 micro-steps see the same tokens and take the same steps;
+    HellaSwag split over 2 ranks sums to the same counts."""
     data = str(tmp_path / "data")
     # lengths of whole steps (+1 target token), so shard ends fall alike for both; 8 steps cross every shard end
     write_shards(data, [5 * 128 + 1, 3 * 128 + 1, 4 * 128 + 1])
@@ -105,8 +106,9 @@ def test_two_process_torchrun_equals_one_process_with_double_accumulation(tmp_pa
 
     a, b = read_log(tmp_path / "ddp" / "log.txt"), read_log(tmp_path / "single" / "log.txt")
     assert sorted(a["train"]) == sorted(b["train"]) == list(range(8))
-    assert sorted(a["val"]) == sorted(b["val"]) == [0, 3, 6, 7]
-    for kind in ("train", "val"):
+    assert sorted(a["val"]) == sorted(b["val"]) == sorted(a["hella"]) == [0, 3, 6, 7]
+    assert "HellaSwag accuracy: " in ddp.stdout and "/10=" in ddp.stdout
+    for kind in ("train", "val", "hella"):
         for step, value in b[kind].items():
             assert a[kind][step] == pytest.approx(value, abs=2e-5), (kind, step)
     assert b["train"][7] < b["train"][0]  # it did train
