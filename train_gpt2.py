@@ -17,6 +17,9 @@ import inspect
 import math
 import os
 import pickle
+import random
+import re
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -260,13 +263,14 @@ class DataLoaderLite:
     def __init__(self, B, T, process_rank, num_processes, split, data_root="edu_fineweb10B"):
         self.B, self.T = B, T
         self.process_rank, self.num_processes = process_rank, num_processes
-        self.shards = list_shards(data_root, split)
         need = B * T * num_processes + 1
-        for path in self.shards:  # opening a memmap reads only the header: cheap, and fails early
-            n = len(load_tokens(path))
-            if n < need:
-                raise UserError(f"shard {path} has {n:,} tokens but one batch needs B*T*processes+1 = {need:,}; "
-                                "use a smaller -B/-T or larger shards")
+        self.shards, self.skipped = [], []
+        for path in list_shards(data_root, split):  # opening a memmap reads only the header: cheap, fails early
+            # a shard too short for one step (often the last, partial one) could never be read: leave it out
+            (self.shards if len(load_tokens(path)) >= need else self.skipped).append(path)
+        if not self.shards:
+            raise UserError(f"every {split} shard in {data_root!r} is shorter than one batch, B*T*processes+1 = "
+                            f"{need:,} tokens; use a smaller -B/-T or larger shards")
         self.reset()
 
     def reset(self):
@@ -281,12 +285,32 @@ class DataLoaderLite:
         x = buf[:-1].view(B, T)  # inputs
         y = buf[1:].view(B, T)  # targets: the same tokens shifted by one
         self.current_position += B * T * self.num_processes
+        self._advance_if_needed()
+        return x, y
+
+    def _advance_if_needed(self):
         # move on when the next step's chunks (plus the one extra target token) would not fit
-        if self.current_position + B * T * self.num_processes + 1 > len(self.tokens):
+        if self.current_position + self.B * self.T * self.num_processes + 1 > len(self.tokens):
             self.current_shard = (self.current_shard + 1) % len(self.shards)
             self.tokens = load_tokens(self.shards[self.current_shard])
             self.current_position = 0
-        return x, y
+
+    def state_dict(self):
+        """The position, shared by all ranks: rank r reads next at position + r * B * T."""
+        return {"shard": self.current_shard, "position": self.current_position,
+                "shard_name": os.path.basename(self.shards[self.current_shard])}
+
+    def load_state_dict(self, state):
+        names = [os.path.basename(p) for p in self.shards]
+        if state["shard"] >= len(names) or names[state["shard"]] != state["shard_name"]:
+            raise UserError(f"the checkpoint was reading shard {state['shard_name']} (number {state['shard']}), "
+                            f"which is not where it was in the {len(names)} shards of the data dir now; "
+                            "resume with the same --data_dir contents")
+        self.current_shard = state["shard"]
+        self.tokens = load_tokens(self.shards[self.current_shard])
+        self.current_position = state["position"]
+        # another -B or world size reads a differently sized group of chunks: it may not fit here any more
+        self._advance_if_needed()
 
 
 # -----------------------------------------------------------------------------
@@ -350,40 +374,161 @@ def sample_text(model, enc, prompt, num_samples, max_length, device, seed):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints: everything the next step depends on, so a resumed run continues exactly
+#
+# model_{step}.pt are the milestones (every --checkpoint_every steps, kept); ckpt_{step}.pt the
+# frequent resume points (--save_every, --save_every_minutes, a stop signal), rotated by --keep_last.
+# Both hold the full state of the run at the top of `step`, after `step` updates.
+
+CHECKPOINT_RE = re.compile(r"^(model|ckpt)_(\d+)\.pt$")
 
 
 def atomic_torch_save(obj, path):
     """Write to a temporary name, fsync, then rename: a crash leaves the old file or the new one, never half."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not write checkpoint {path} ({e.strerror or e}); the earlier checkpoints are "
+                        "intact: free some space, then rerun the same command to resume") from None
 
 
-def save_checkpoint(path, model, step, val_loss, args):
+def rng_state():
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state["numpy"] = (kind, keys.tolist(), pos, has_gauss, gauss)  # lists, not arrays: weights_only loads them
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, model, optimizer, step, val_loss, args, train_loader, val_loader):
     atomic_torch_save({
         "model": model.state_dict(),  # the plain module: no "_orig_mod." or "module." prefixes
+        "optimizer": optimizer.state_dict(),
         "config": asdict(model.config),
         "step": step,
         "val_loss": val_loss,
         "args": vars(args),
+        "world_size": train_loader.num_processes,
+        "data": {"train": train_loader.state_dict(), "val": val_loader.state_dict()},
+        "rng": rng_state(),
     }, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """torch.load with weights_only=True, and a clear error for a missing, truncated or foreign file."""
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist") from None
+    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as e:
+        raise UserError(f"{path} is not a readable train_gpt2.py checkpoint ({first_line(e)})") from None
+    if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= set(ckpt):
+        raise UserError(f"{path} is not a train_gpt2.py checkpoint (no model, config and step in it)")
+    return ckpt
 
 
 def load_model_checkpoint(path, device="cpu"):
     """Rebuild a GPT from a checkpoint file written by save_checkpoint."""
+    ckpt = load_checkpoint(path, device)
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
         model = GPT(GPTConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["model"])
-    except FileNotFoundError:
-        raise UserError(f"checkpoint {path} does not exist") from None
-    except (RuntimeError, KeyError, TypeError, EOFError, ValueError, pickle.UnpicklingError) as e:
-        raise UserError(f"{path} is not a readable train_gpt2.py checkpoint ({first_line(e)})") from None
+    except (RuntimeError, TypeError) as e:
+        raise UserError(f"{path}: the weights do not fit its config ({first_line(e)})") from None
     return model.to(device)
+
+
+def list_checkpoints(log_dir):
+    """(step, path) of every checkpoint in log_dir, newest first."""
+    found = []
+    for name in os.listdir(log_dir) if os.path.isdir(log_dir) else []:
+        m = CHECKPOINT_RE.match(name)
+        if m:
+            found.append((int(m.group(2)), os.path.join(log_dir, name)))
+    return sorted(found, reverse=True)
+
+
+def find_resume_checkpoint(args, device):
+    """The checkpoint to continue from (loaded), or None to start fresh, per --resume."""
+    if args.resume == "none" or args.overwrite:
+        return None
+    if args.resume != "auto":
+        return dict(load_checkpoint(args.resume, device), path=args.resume)
+    candidates = list_checkpoints(args.log_dir)
+    for _, path in candidates:
+        try:
+            ckpt = load_checkpoint(path, device)
+        except UserError as e:
+            print(f"warning: skipping {e}")  # a truncated newest file: fall back to the one before
+            continue
+        return dict(ckpt, path=path)
+    if candidates:
+        raise UserError(f"no readable checkpoint among the {len(candidates)} in {args.log_dir}; "
+                        "pass --resume none --overwrite to start over, or --resume PATH")
+    return None
+
+
+def check_resumable(ckpt, config, args, world_size):
+    """Refuse a checkpoint of another model or token stream; report the changes that are allowed."""
+    if not {"optimizer", "data", "rng", "args", "world_size"} <= set(ckpt):
+        raise UserError(f"{ckpt.get('path', 'the checkpoint')} holds weights only, not a run's full state; "
+                        "it cannot be resumed (use --resume none)")
+    saved = ckpt["args"]
+    if ckpt["config"] != asdict(config):
+        diff = ", ".join(f"{k} {v} (this run: {getattr(config, k)})" for k, v in ckpt["config"].items()
+                         if getattr(config, k) != v)
+        raise UserError(f"the checkpoint is of another model: {diff}; pass the checkpoint's model flags, "
+                        "or --log_dir NEW to start a new run")
+    for flag in ("seq_len", "total_batch_size"):
+        if saved[flag] != getattr(args, flag):
+            raise UserError(f"the checkpoint was trained with --{flag} {saved[flag]}, this run has "
+                            f"{getattr(args, flag)}: the batches would change; pass --{flag} {saved[flag]}")
+    notes = []
+    if saved["batch_size"] != args.batch_size or ckpt["world_size"] != world_size:
+        notes.append(f"-B {saved['batch_size']} x {ckpt['world_size']} processes -> -B {args.batch_size} x "
+                     f"{world_size} processes: the same total batch, the token stream continues where it stopped")
+    for flag in ("max_steps", "warmup_steps", "max_lr", "min_lr_ratio", "weight_decay", "grad_clip"):
+        if saved[flag] != getattr(args, flag):
+            notes.append(f"--{flag} changed from {saved[flag]} to {getattr(args, flag)}")
+    return notes
+
+
+def truncate_log(log_file, step):
+    """Keep only the lines of steps before `step`: the resumed run writes the rest again."""
+    if not os.path.exists(log_file):
+        return
+    with open(log_file) as f:
+        kept = [line for line in f if line.split(maxsplit=1)[0].isdigit() and int(line.split()[0]) < step]
+    tmp = f"{log_file}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, log_file)
+
+
+def rotate_checkpoints(log_dir, keep_last):
+    """Delete all but the newest keep_last resume checkpoints; milestones stay."""
+    resume_points = [path for _, path in list_checkpoints(log_dir) if os.path.basename(path).startswith("ckpt_")]
+    for path in resume_points[keep_last:]:
+        os.remove(path)
 
 
 # -----------------------------------------------------------------------------
@@ -468,7 +613,16 @@ def parse_args(argv=None):
     g.add_argument("--hellaswag_limit", type=int, default=None, help="score only the first N val examples")
     g.add_argument("--sample", action=argparse.BooleanOptionalAction, default=True,
                    help="print 4 samples at every evaluation")
-    g.add_argument("--checkpoint_every", type=int, default=5000, help="save log/model_{step}.pt every N steps")
+    g.add_argument("--checkpoint_every", type=int, default=5000,
+                   help="milestone log/model_{step}.pt every N steps and at the last (kept)")
+    g = p.add_argument_group("resuming")
+    g.add_argument("--resume", default="auto",
+                   help="auto: continue from the newest checkpoint in --log_dir, if any; none: start fresh; "
+                        "or the path of a checkpoint")
+    g.add_argument("--save_every", type=int, default=1000, help="resume checkpoint log/ckpt_{step}.pt every N "
+                                                                 "steps (0: off)")
+    g.add_argument("--save_every_minutes", type=float, default=0, help="also every M minutes (0: off)")
+    g.add_argument("--keep_last", type=int, default=2, help="how many ckpt_*.pt to keep (milestones always stay)")
     g = p.add_argument_group("model")
     g.add_argument("--n_layer", type=int, default=12)
     g.add_argument("--n_head", type=int, default=12)
@@ -498,20 +652,31 @@ def parse_args(argv=None):
         p.error("--max_lr must be positive and --min_lr_ratio within [0, 1]")
     if args.hellaswag_limit is not None and args.hellaswag_limit <= 0:
         p.error("--hellaswag_limit must be positive")
+    if args.save_every < 0 or args.save_every_minutes < 0 or args.keep_last < 1:
+        p.error("--save_every and --save_every_minutes must be >= 0, --keep_last >= 1")
     return args
 
 
-def prepare_log_dir(log_dir, overwrite):
-    """A new run never silently replaces an old one's log or checkpoints."""
-    os.makedirs(log_dir, exist_ok=True)
-    log_file = os.path.join(log_dir, "log.txt")
-    previous = sorted(glob.glob(os.path.join(log_dir, "model_*.pt")))
+def prepare_log_dir(args, resume_step):
+    """
+    Resuming: keep the log up to resume_step. Starting fresh: never replace an earlier run's
+    checkpoints or log by accident (with --resume auto, a log whose run left no checkpoint is redone).
+    """
+    os.makedirs(args.log_dir, exist_ok=True)
+    for name in os.listdir(args.log_dir):
+        if name.endswith(".tmp"):  # a save or log rewrite that a crash cut short
+            os.remove(os.path.join(args.log_dir, name))
+    log_file = os.path.join(args.log_dir, "log.txt")
+    if resume_step is not None:
+        truncate_log(log_file, resume_step)
+        return log_file
+    previous = [path for _, path in list_checkpoints(args.log_dir)]
     if os.path.exists(log_file):
         previous.insert(0, log_file)
-    if previous and not overwrite:
+    if previous and args.resume == "none" and not args.overwrite:
         names = ", ".join(os.path.basename(f) for f in previous[:3]) + (" ..." if len(previous) > 3 else "")
-        raise UserError(f"{log_dir} already holds a run ({names}); pass --log_dir NEW_DIR, "
-                        "or --overwrite to delete it and start over")
+        raise UserError(f"{args.log_dir} already holds a run ({names}); drop --resume none to continue it, "
+                        "pass --log_dir NEW_DIR, or --overwrite to delete it and start over")
     for f in previous:
         os.remove(f)
     open(log_file, "w").close()
@@ -522,7 +687,8 @@ def prepare_log_dir(log_dir, overwrite):
 # Training loop
 
 
-def train(args):
+def train(args, stop_signals):
+    """The run; returns the exit code. A signal appended to stop_signals ends it at the next step, saved."""
     # --- processes and devices: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
     ddp = int(os.environ.get("RANK", -1)) != -1
     ddp_rank = int(os.environ.get("RANK", 0))
@@ -569,22 +735,40 @@ def train(args):
             hellaswag.download("val")
     except hellaswag.HellaSwagError as e:
         raise UserError(f"{e}; or pass --no-hellaswag") from None
-    log_file = prepare_log_dir(args.log_dir, args.overwrite) if master_process else None
+    config = GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size,
+                       n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
+    ckpt = find_resume_checkpoint(args, "cpu")
+    notes = check_resumable(ckpt, config, args, ddp_world_size) if ckpt else []
+    start_step = ckpt["step"] if ckpt else 0
+    resumed_from = ckpt["path"] if ckpt else None
+    log_file = prepare_log_dir(args, start_step if ckpt else None) if master_process else None
 
     if ddp:
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        steps = torch.tensor([start_step, -start_step], dtype=torch.float32, device=device)
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+        if steps[0].item() != -steps[1].item():
+            raise UserError(f"the ranks found different checkpoints (steps {-steps[1].item():.0f} to "
+                            f"{steps[0].item():.0f}): --log_dir must be storage that every node shares")
     torch.manual_seed(args.seed)
     if device_type == "cuda":
         torch.cuda.manual_seed(args.seed)
         torch.set_float32_matmul_precision("high")  # TF32 matmuls; CPU matmuls stay full fp32
 
-    config = GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size,
-                       n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd)
     raw_model = GPT(config).to(device)  # the plain module: evaluated, sampled and saved
+    optimizer = configure_optimizers(raw_model, args.weight_decay, args.max_lr, device_type)
+    val_loss = None
+    if ckpt:
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])  # moves the moments to the parameters' device
+        train_loader.load_state_dict(ckpt["data"]["train"])
+        val_loader.load_state_dict(ckpt["data"]["val"])
+        set_rng_state(ckpt["rng"])
+        val_loss = ckpt["val_loss"]
+        del ckpt  # the CPU copy of the weights and moments is no longer needed
     model = torch.compile(raw_model) if use_compile else raw_model
     if ddp:
         model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
-    optimizer = configure_optimizers(raw_model, args.weight_decay, args.max_lr, device_type)
 
     flops_per_token = raw_model.flops_per_token(T)
     peak_flops = device_peak_flops(device_type, args.peak_tflops)
@@ -597,16 +781,52 @@ def train(args):
         print(f"total batch {args.total_batch_size:,} tokens = {B} x {T} x {ddp_world_size} processes "
               f"x {grad_accum_steps} accumulation steps")
         print(f"train shards {len(train_loader.shards)}, val shards {len(val_loader.shards)} in {args.data_dir}")
+        for path in train_loader.skipped + val_loader.skipped:
+            print(f"note: skipping {path}: shorter than one batch of {B}x{T}x{ddp_world_size}+1 tokens")
         if peak_flops is None:
             print("MFU not shown: peak FLOP/s of this device unknown (pass --peak_tflops)")
+        if resumed_from:
+            print(f"resuming at step {start_step} from {resumed_from}")
+        for note in notes:
+            print(f"note: {note}")
 
     def log(line):
         with open(log_file, "a") as f:
             f.write(line + "\n")
 
-    val_loss = None
-    for step in range(args.max_steps):
+    def save(name, step):
+        path = os.path.join(args.log_dir, f"{name}_{step:05d}.pt")
+        save_checkpoint(path, raw_model, optimizer, step, val_loss, args, train_loader, val_loader)
+        print(f"saved {path}")
+        return path
+
+    last_save = time.time()
+    for step in range(start_step, args.max_steps):
         last_step = step == args.max_steps - 1
+
+        # --- resume points: every rank takes the same decision, so all stop at the same step
+        if step > start_step:
+            timed = master_process and 0 < args.save_every_minutes * 60 <= time.time() - last_save
+            flags = torch.tensor([len(stop_signals) > 0, timed], dtype=torch.float32, device=device)
+            if ddp:
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            stop, timed = flags.tolist()
+            milestone = step % args.checkpoint_every == 0 or last_step
+            periodic = args.save_every > 0 and step % args.save_every == 0
+            path = None
+            if master_process and (stop or ((periodic or timed) and not milestone)):
+                path = save("ckpt", step)
+                rotate_checkpoints(args.log_dir, args.keep_last)
+                last_save = time.time()
+            if stop:
+                if ddp:
+                    dist.barrier()  # the checkpoint is complete before any rank exits
+                signum = stop_signals[0] if stop_signals else signal.SIGTERM
+                print(f"rank {ddp_rank}: stopped at step {step} on {signal.Signals(signum).name}"
+                      + (f", saved {path}" if path else "") + "; run the same command again to resume", flush=True)
+                if ddp:
+                    dist.destroy_process_group()
+                return 128 + signum  # non-zero, so a restart loop runs it again
 
         # --- evaluate: at step 0, every eval_every steps and at the last step (before its update)
         if step % args.eval_every == 0 or last_step:
@@ -639,9 +859,8 @@ def train(args):
             model.train()
 
         if master_process and step > 0 and (step % args.checkpoint_every == 0 or last_step):
-            path = os.path.join(args.log_dir, f"model_{step:05d}.pt")
-            save_checkpoint(path, raw_model, step, val_loss, args)
-            print(f"saved {path}")
+            save("model", step)
+            last_save = time.time()
 
         # --- one optimizer step over grad_accum_steps micro-batches
         t0 = time.time()
@@ -678,14 +897,28 @@ def train(args):
 
     if ddp:
         dist.destroy_process_group()
+    return 0
 
 
 def main(argv=None):
     args = parse_args(argv)
+    # SIGTERM (preemption, torchrun shutting down) or Ctrl-C: finish the step, save, exit
+    stop_signals = []
+
+    def request_stop(signum, frame):
+        stop_signals.append(signum)
+        # a second one of the same kind ends the run at once, the default way
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        train(args)
+        code = train(args, stop_signals)
     except UserError as e:
         sys.exit(f"train_gpt2.py: error: {e}")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -90,7 +90,7 @@ def test_evaluate_splits_examples_across_ranks(hellaswag_dir):
 def test_command_line_scores_transformers_and_checkpoints(tmp_path, hellaswag_dir):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from train_gpt2 import GPT, GPTConfig, save_checkpoint, parse_args
+    from train_gpt2 import GPT, GPTConfig, atomic_torch_save
 
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=256)).save_pretrained(tmp_path / "hf")
@@ -99,7 +99,9 @@ def test_command_line_scores_transformers_and_checkpoints(tmp_path, hellaswag_di
     assert f"{tmp_path / 'hf'}: 12 examples | acc " in proc.stdout and "acc_norm 0." in proc.stdout
 
     model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=1, n_head=2, n_embd=32))
-    save_checkpoint(str(tmp_path / "model_00010.pt"), model, 10, 9.5, parse_args([]))
+    # what scoring reads of a checkpoint: the weights and the config
+    atomic_torch_save({"model": model.state_dict(), "config": vars(model.config), "step": 10},
+                      str(tmp_path / "model_00010.pt"))
     proc = run_script("hellaswag.py", "-m", tmp_path / "model_00010.pt", "--limit", 12)
     assert proc.returncode == 0, proc.stderr
     assert "12 examples | acc " in proc.stdout

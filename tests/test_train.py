@@ -138,9 +138,12 @@ def test_bad_inputs_give_one_line_errors(tmp_path, shakespeare_shards, capsys):
     os.makedirs(tmp_path / "log")
     (tmp_path / "log" / "log.txt").write_text("0 train 10.0\n")
     (tmp_path / "log" / "model_05000.pt").write_bytes(b"precious")
-    msg = run_main(*base)
+    msg = run_main(*base, "--resume", "none")
     assert "already holds a run (log.txt, model_05000.pt)" in msg and "--overwrite" in msg
+    msg = run_main(*base)  # --resume auto: the only checkpoint is unreadable
+    assert "no readable checkpoint among the 1 in" in msg and "--resume none --overwrite" in msg
     assert (tmp_path / "log" / "model_05000.pt").read_bytes() == b"precious"
+    assert (tmp_path / "log" / "log.txt").read_text() == "0 train 10.0\n"
 
 
 def test_missing_hellaswag_offline_and_corrupt_shard_in_a_real_process(tmp_path, shakespeare_shards, enc):

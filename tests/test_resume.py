@@ -1,0 +1,265 @@
+"""
+Exact resume: a run killed at any point (even mid-save) and restarted writes the same log.txt,
+byte for byte on CPU in fp32, as one that was never interrupted. Real processes, real signals.
+"""
+
+import glob
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO, TINY_MODEL, read_log, run, run_script
+
+import fineweb
+import train_gpt2
+
+STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory, shakespeare_path, enc):
+    """Tiny Shakespeare in 1,000-token shards: a step of 256 tokens crosses a shard end every 3-4 steps."""
+    out = str(tmp_path_factory.mktemp("small_shards") / "shards")
+    fineweb.main(["--dataset", shakespeare_path, "--out_dir", out, "--shard_size", "1000", "--num_proc", "1"])
+    return out
+
+
+def train_args(data_dir, log_dir, B=4, extra=()):
+    return ["--data_dir", data_dir, "--log_dir", log_dir, *TINY_MODEL, "-B", B, "-T", 32,
+            "--total_batch_size", 256, "--max_steps", STEPS, "--warmup_steps", 3, "--max_lr", 2e-3,
+            "--eval_every", 5, "--val_steps", 2, "--hellaswag_limit", 6, "--no-sample",
+            "--save_every", 3, "--checkpoint_every", 8, *extra]
+
+
+def command(args, nproc=1):
+    args = [str(a) for a in args]
+    if nproc == 1:
+        return [sys.executable, os.path.join(REPO, "train_gpt2.py"), *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            os.path.join(REPO, "train_gpt2.py"), *args]
+
+
+def start(args, nproc=1):
+    """Start a run in the background; its output goes to proc.out_path."""
+    out_path = os.path.join(os.path.dirname(str(args[args.index("--log_dir") + 1])), f"out_{time.monotonic_ns()}.txt")
+    with open(out_path, "w") as out:
+        proc = subprocess.Popen(command(args, nproc), stdout=out, stderr=subprocess.STDOUT, text=True,
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    proc.out_path = out_path
+    return proc
+
+
+def wait_until(proc, condition, timeout=120):
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before the point to kill it"
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+def logged(log_dir, prefix):
+    """True once log.txt has a line starting with `prefix` (e.g. "7 train")."""
+    path = os.path.join(log_dir, "log.txt")
+    return lambda: os.path.exists(path) and any(line.startswith(prefix + " ") for line in open(path))
+
+
+def descendants(pid):
+    """All processes below pid. torchrun starts each rank in a session of its own, out of its process group."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        for task in glob.glob(f"/proc/{parent}/task/*/children"):
+            with open(task) as f:
+                kids = [int(k) for k in f.read().split()]
+            found += kids
+            todo += kids
+    return found
+
+
+def kill9(proc):
+    """SIGKILL the run and every process under it at once, as when the machine is lost."""
+    pids = [proc.pid] + descendants(proc.pid)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    for pid in pids:  # reaped or gone: none may go on writing into the log dir
+        deadline = time.time() + 10
+        while os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z":
+            assert time.time() < deadline, f"process {pid} survived SIGKILL"
+            time.sleep(0.01)
+
+
+def finish(args, nproc=1):
+    proc = run(command(args, nproc))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def log_bytes(log_dir):
+    with open(os.path.join(log_dir, "log.txt"), "rb") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, small_shards, hellaswag_dir):
+    """Uninterrupted runs, 1 and 2 processes: {nproc: log dir}."""
+    refs = {}
+    for nproc in (1, 2):
+        log_dir = str(tmp_path_factory.mktemp(f"reference{nproc}") / "log")
+        finish(train_args(small_shards, log_dir), nproc)
+        refs[nproc] = log_dir
+    return refs
+
+
+def test_kill9_anywhere_then_resume_is_byte_identical(reference, small_shards, tmp_path):
+    rng = random.Random()
+    log_dir = str(tmp_path / "log")
+    args = train_args(small_shards, log_dir)
+    k1 = rng.randint(1, 4)
+    k2 = rng.randint(k1 + 5, STEPS - 3)
+    points = f"kill -9 after step {k1}, mid-save, after step {k2}"
+
+    proc = start(args)
+    wait_until(proc, logged(log_dir, f"{k1} train"))
+    kill9(proc)
+
+    proc = start(args)  # killed while a checkpoint is being written
+    wait_until(proc, lambda: glob.glob(os.path.join(log_dir, "*.pt.tmp")))
+    kill9(proc)
+    assert glob.glob(os.path.join(log_dir, "*.pt.tmp")), "the kill was meant to land mid-save"
+
+    proc = start(args)
+    wait_until(proc, logged(log_dir, f"{k2} train"))
+    kill9(proc)
+
+    stdout = finish(args)
+    assert "resuming at step" in stdout
+    assert log_bytes(log_dir) == log_bytes(reference[1]), points
+    assert not glob.glob(os.path.join(log_dir, "*.tmp"))
+
+
+def test_kill9_two_processes_then_resume_is_byte_identical(reference, small_shards, tmp_path):
+    log_dir = str(tmp_path / "log")
+    args = train_args(small_shards, log_dir)
+    k = random.Random().randint(4, STEPS - 3)
+    proc = start(args, nproc=2)
+    wait_until(proc, logged(log_dir, f"{k} train"))
+    kill9(proc)  # torchrun and both ranks at once
+    stdout = finish(args, nproc=2)
+    assert "resuming at step" in stdout
+    assert log_bytes(log_dir) == log_bytes(reference[2]), f"killed after step {k}"
+
+
+def test_sigterm_stops_both_ranks_at_one_step_saves_and_resumes(reference, small_shards, tmp_path):
+    log_dir = str(tmp_path / "log")
+    args = train_args(small_shards, log_dir)
+    proc = start(args, nproc=2)
+    wait_until(proc, logged(log_dir, "6 train"))
+    proc.send_signal(signal.SIGTERM)  # to torchrun, which passes it to the ranks
+    proc.wait(timeout=60)
+    out = open(proc.out_path).read()
+    stops = sorted(line.split(" on ")[0] for line in out.splitlines() if ": stopped at step " in line)
+    assert len(stops) == 2, out[-3000:]
+    step = int(stops[0].rsplit(" ", 1)[1])
+    assert stops == [f"rank 0: stopped at step {step}", f"rank 1: stopped at step {step}"]
+    assert step in (7, 8)  # within one step of the signal
+    assert os.path.exists(os.path.join(log_dir, f"ckpt_{step:05d}.pt"))
+    assert proc.returncode != 0  # so that a restart loop runs it again
+    finish(args, nproc=2)
+    assert log_bytes(log_dir) == log_bytes(reference[2])
+
+
+def test_new_world_size_and_micro_batch_continue_the_token_stream(reference, small_shards, tmp_path):
+    """1 process x B=4 stopped by Ctrl-C, resumed as 2 processes x B=2: the same 128-token chunks, the same steps."""
+    log_dir = str(tmp_path / "log")
+    proc = start(train_args(small_shards, log_dir))
+    wait_until(proc, logged(log_dir, "9 train"))
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: the same clean stop as SIGTERM
+    assert proc.wait(timeout=60) == 128 + signal.SIGINT
+    assert "rank 0: stopped at step" in open(proc.out_path).read()
+    stdout = finish(train_args(small_shards, log_dir, B=2), nproc=2)
+    assert "note: -B 4 x 1 processes -> -B 2 x 2 processes" in stdout
+    got, want = read_log(os.path.join(log_dir, "log.txt")), read_log(os.path.join(reference[1], "log.txt"))
+    assert {k: sorted(v) for k, v in got.items()} == {k: sorted(v) for k, v in want.items()}
+    for kind in want:
+        for step, value in want[kind].items():
+            assert got[kind][step] == pytest.approx(value, abs=2e-5), (kind, step)
+
+
+def run_main(*argv):
+    with pytest.raises(SystemExit) as e:
+        train_gpt2.main([str(a) for a in argv])
+    return e.value.code
+
+
+def test_mismatches_and_bad_checkpoints_are_clear(reference, small_shards, tmp_path, capsys):
+    log_dir = str(tmp_path / "log")
+    shutil.copytree(reference[1], log_dir)
+    args = train_args(small_shards, log_dir)
+    assert "the checkpoint is of another model: n_layer 2 (this run: 3)" in run_main(*args, "--n_layer", 3)
+    msg = run_main(*args, "-T", 16)
+    assert "trained with --seq_len 32, this run has 16" in msg and "pass --seq_len 32" in msg
+    assert "trained with --total_batch_size 256, this run has 512" in run_main(*args, "--total_batch_size", 512)
+
+    (tmp_path / "junk.pt").write_bytes(b"\x80\x02not a checkpoint")
+    assert "junk.pt is not a readable train_gpt2.py checkpoint" in run_main(*args, "--resume", tmp_path / "junk.pt")
+    weights = tmp_path / "weights.pt"
+    ckpt = torch.load(os.path.join(log_dir, "model_00008.pt"), weights_only=True)
+    torch.save({k: ckpt[k] for k in ("model", "config", "step")}, weights)
+    assert "holds weights only" in run_main(*args, "--resume", weights)
+    assert log_bytes(log_dir) == log_bytes(reference[1])  # none of that touched the run
+
+    # a truncated newest checkpoint: auto falls back to the one before and still ends identical
+    newest = sorted(glob.glob(os.path.join(log_dir, "*.pt")), key=lambda p: p[-8:])[-1]
+    assert newest.endswith("model_00015.pt")
+    with open(newest, "r+b") as f:
+        f.truncate(os.path.getsize(newest) // 2)
+    capsys.readouterr()
+    assert run_main(*args) == 0
+    out = capsys.readouterr().out
+    assert "warning: skipping" in out and "model_00015.pt is not a readable" in out
+    assert "resuming at step 15 from" not in out and "resuming at step 12 from" in out
+    assert log_bytes(log_dir) == log_bytes(reference[1])
+
+
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(reference, small_shards, tmp_path):
+    log_dir = str(tmp_path / "log")
+    args = train_args(small_shards, log_dir)
+    proc = start(args)
+    wait_until(proc, lambda: os.path.exists(os.path.join(log_dir, "ckpt_00003.pt")))
+    # the next save writes ckpt_00006.pt.tmp: make that name the kernel's always-full device
+    os.symlink("/dev/full", os.path.join(log_dir, "ckpt_00006.pt.tmp"))
+    proc.wait(timeout=120)
+    out = open(proc.out_path).read()
+    assert proc.returncode == 1, out[-2000:]
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("train_gpt2.py: error: could not write checkpoint") and "ckpt_00006.pt" in last
+    assert "No space left on device" in last and "rerun the same command to resume" in last
+    assert not os.path.lexists(os.path.join(log_dir, "ckpt_00006.pt.tmp"))
+    assert torch.load(os.path.join(log_dir, "ckpt_00003.pt"), weights_only=True)["step"] == 3
+    finish(args)
+    assert log_bytes(log_dir) == log_bytes(reference[1])
+
+
+def test_checkpoint_contents_rotation_and_timed_saves(small_shards, tmp_path, hellaswag_dir):
+    log_dir = str(tmp_path / "log")
+    finish(train_args(small_shards, log_dir, extra=["--save_every", 2, "--keep_last", 2,
+                                                    "--save_every_minutes", 1e-6]))
+    names = sorted(os.listdir(log_dir))
+    # every step saved (timed), the older resume points rotated away, milestones 8 and 15 kept
+    assert names == ["ckpt_00013.pt", "ckpt_00014.pt", "log.txt", "model_00008.pt", "model_00015.pt"]
+    ckpt = torch.load(os.path.join(log_dir, "ckpt_00014.pt"), weights_only=True)
+    assert {"model", "optimizer", "config", "step", "val_loss", "args", "world_size", "data", "rng"} <= set(ckpt)
+    assert ckpt["step"] == 14 and ckpt["world_size"] == 1 and ckpt["args"]["batch_size"] == 4
+    assert set(ckpt["data"]["train"]) == {"shard", "position", "shard_name"}
+    assert set(ckpt["rng"]) >= {"python", "numpy", "torch"}
+    assert len(ckpt["optimizer"]["state"]) == len(ckpt["model"]) - 1  # lm_head is wte
