@@ -12,10 +12,12 @@ next to this file).
 """
 
 import argparse
+import contextlib
 import functools
 import json
 import os
 import sys
+import time
 from collections import namedtuple
 
 import requests
@@ -111,10 +113,10 @@ def render_example(example):
     return data, tokens, mask, example["label"]
 
 
-def score_endings(tokens, mask, logits):
+def completion_losses(tokens, mask, logits):
     """
-    The scoring rule, shared by training and this script. Returns (pred, pred_norm): the row with
-    the lowest total loss over its ending tokens, and the one with the lowest mean loss.
+    The scoring rule: for each row, the total and the mean cross-entropy of its ending tokens
+    (mask 1) given everything before them. Returns (sum_loss, avg_loss), each of shape (rows,).
     """
     shift_logits = logits[:, :-1, :].float()  # position t predicts token t+1
     shift_tokens = tokens[:, 1:]
@@ -122,77 +124,154 @@ def score_endings(tokens, mask, logits):
                              reduction="none").view(tokens.size(0), -1)
     shift_mask = mask[:, 1:].to(losses.dtype)
     sum_loss = (losses * shift_mask).sum(dim=1)
-    avg_loss = sum_loss / shift_mask.sum(dim=1)
+    return sum_loss, sum_loss / shift_mask.sum(dim=1)
+
+
+def score_endings(tokens, mask, logits):
+    """One example's (pred, pred_norm): the row with the lowest total loss, and with the lowest mean loss."""
+    sum_loss, avg_loss = completion_losses(tokens, mask, logits)
     return sum_loss.argmin().item(), avg_loss.argmin().item()
 
 
-Result = namedtuple("Result", "correct_norm correct total")
+def scored_position_losses(model, tokens, mask):
+    """
+    The same (sum_loss, avg_loss) as completion_losses(tokens, mask, logits of the whole batch), but
+    lm_head runs only where an ending token is predicted: the context's logits are never needed.
+    """
+    hidden = model.hidden(tokens)
+    scored = mask[:, 1:].bool()  # position t predicts token t+1
+    logits = model.head(hidden[:, :-1][scored]).float()
+    losses = F.cross_entropy(logits, tokens[:, 1:][scored], reduction="none")
+    rows = torch.arange(tokens.size(0), device=tokens.device).unsqueeze(1).expand_as(scored)[scored]
+    sum_loss = torch.zeros(tokens.size(0), device=tokens.device).index_add_(0, rows, losses)
+    return sum_loss, sum_loss / scored.sum(dim=1)
+
+
+# A language model as scoring needs it: hidden(tokens) -> (B, T, C) states, head(states) -> logits,
+# and the longest sequence it takes.
+Model = namedtuple("Model", "hidden head max_len")
+Result = namedtuple("Result", "correct_norm correct total predictions")  # predictions: {index: (pred, pred_norm)}
+
+
+@functools.lru_cache(maxsize=4)
+def rendered_examples(split, rank, world_size, limit, max_len, cache_dir):
+    """This rank's examples i % world_size == rank (of the first `limit`) as (i, tokens, mask, label).
+    Rows longer than max_len (the model's block_size) lose their first tokens, from the context; at
+    GPT-2's 1024 no val example is that long. Cached: training evaluates the same examples many times."""
+    out = []
+    for i, example in enumerate(iterate_examples(split, cache_dir)):
+        if limit is not None and i >= limit:
+            break
+        if i % world_size == rank:
+            _, tokens, mask, label = render_example(example)
+            out.append((i, tokens[:, -max_len:], mask[:, -max_len:], label))
+    return tuple(out)
+
+
+def pack(examples, batch_tokens):
+    """Group examples of similar length, each group's 4 x n x width within batch_tokens (0: one per group)."""
+    if not batch_tokens:
+        return [[e] for e in examples]
+    groups, group = [], []
+    for e in sorted(examples, key=lambda e: e[1].size(1)):  # sorted by length: little padding
+        if group and 4 * (len(group) + 1) * e[1].size(1) > batch_tokens:
+            groups.append(group)
+            group = []
+        group.append(e)
+    return groups + [group] if group else groups
 
 
 @torch.no_grad()
-def evaluate(logits_fn, device, split="val", rank=0, world_size=1, limit=None, max_len=None,
+def evaluate(model, device, split="val", rank=0, world_size=1, limit=None, batch_tokens=8192,
              autocast_ctx=None, cache_dir=None, progress=False):
     """
-    Score examples i with i % world_size == rank (of the first `limit`, if given) with
-    `logits_fn(tokens) -> logits`; returns this rank's counts, to be summed across ranks.
-    Rows longer than `max_len` (the model's block_size) lose their first tokens, from the
-    context; at GPT-2's 1024 no val example is that long.
+    Score this rank's share of the examples (i % world_size == rank); returns its counts, to be
+    summed across ranks. With batch_tokens, many examples go through the model at once (padded on
+    the right, which causal attention never looks at); with 0, one example per forward pass and full
+    logits, build-nanogpt's way. Both give the same predictions.
     """
-    correct_norm = correct = total = 0
-    examples = iterate_examples(split, cache_dir)
-    for i, example in enumerate(tqdm(examples, total=limit, disable=not progress, desc="HellaSwag")):
-        if limit is not None and i >= limit:
-            break
-        if i % world_size != rank:
-            continue
-        _, tokens, mask, label = render_example(example)
-        if max_len is not None and tokens.size(1) > max_len:
-            tokens, mask = tokens[:, -max_len:], mask[:, -max_len:]
-        tokens, mask = tokens.to(device), mask.to(device)
-        if autocast_ctx is not None:
-            with autocast_ctx:
-                logits = logits_fn(tokens)
-        else:
-            logits = logits_fn(tokens)
-        pred, pred_norm = score_endings(tokens, mask, logits)
-        correct += int(pred == label)
-        correct_norm += int(pred_norm == label)
-        total += 1
-    return Result(correct_norm, correct, total)
+    examples = rendered_examples(split, rank, world_size, limit, model.max_len, cache_dir)
+    predictions = {}
+    correct_norm = correct = 0
+    for group in tqdm(pack(examples, batch_tokens), disable=not progress, desc="HellaSwag"):
+        width = max(e[1].size(1) for e in group)
+        tokens = torch.cat([F.pad(e[1], (0, width - e[1].size(1))) for e in group]).to(device)
+        mask = torch.cat([F.pad(e[2], (0, width - e[2].size(1))) for e in group]).to(device)
+        with autocast_ctx or contextlib.nullcontext():
+            if batch_tokens:
+                sum_loss, avg_loss = scored_position_losses(model, tokens, mask)
+            else:
+                sum_loss, avg_loss = completion_losses(tokens, mask, model.head(model.hidden(tokens)))
+        preds = sum_loss.view(-1, 4).argmin(dim=1).tolist()
+        preds_norm = avg_loss.view(-1, 4).argmin(dim=1).tolist()
+        for (i, _, _, label), pred, pred_norm in zip(group, preds, preds_norm):
+            predictions[i] = (pred, pred_norm)
+            correct += int(pred == label)
+            correct_norm += int(pred_norm == label)
+    return Result(correct_norm, correct, len(examples), predictions)
 
 
-def load_model(name_or_path, device):
-    """A train_gpt2.py checkpoint (.pt) or a transformers GPT-2 (hub name or directory) -> (logits_fn, max_len)."""
+def load_model(name_or_path, device, compile=False):
+    """A train_gpt2.py checkpoint (.pt) or a transformers GPT-2 (hub name or directory) as a Model."""
     from train_gpt2 import load_hf_gpt2, load_model_checkpoint
 
     if name_or_path.endswith(".pt"):
-        model = load_model_checkpoint(name_or_path, device).eval()
-        return (lambda tokens: model(tokens)[0]), model.config.block_size
-    model = load_hf_gpt2(name_or_path).to(device).eval()
-    return (lambda tokens: model(tokens).logits), model.config.n_positions
+        gpt = load_model_checkpoint(name_or_path, device).eval()
+        hidden, head, max_len = gpt.hidden_states, gpt.lm_head, gpt.config.block_size
+    else:
+        hf = load_hf_gpt2(name_or_path).to(device).eval()
+        hidden, head, max_len = (lambda tokens: hf.transformer(tokens).last_hidden_state), hf.lm_head, \
+            hf.config.n_positions
+    if compile:
+        hidden = torch.compile(hidden, dynamic=True)  # batch shapes vary: one graph for all of them
+    return Model(hidden, head, max_len)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Score a GPT-2 model on HellaSwag.")
+    p = argparse.ArgumentParser(description="Score a GPT-2 model on HellaSwag (under torchrun: split across ranks).")
     p.add_argument("-m", "--model", default="gpt2",
                    help="gpt2 / gpt2-medium / ..., a transformers directory, or a train_gpt2.py .pt checkpoint")
     p.add_argument("-d", "--device", default=None, help="cuda, mps or cpu (default: the first available)")
     p.add_argument("-s", "--split", default="val", choices=["val", "train"], help="the test split has no labels")
     p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
+    p.add_argument("--batch_tokens", type=int, default=8192,
+                   help="tokens per forward pass, many examples at once (0: one example at a time)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, else fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--cache_dir", default=None, help="where the .jsonl files live (default $HELLASWAG_CACHE_DIR "
                                                       "or ./hellaswag)")
     args = p.parse_args(argv)
+    if args.batch_tokens < 0 or (args.limit is not None and args.limit <= 0):
+        p.error("--batch_tokens must be >= 0 and --limit positive")
     from train_gpt2 import UserError, autodetect_device
 
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = args.device or autodetect_device()
+    if device == "cuda" and world_size > 1:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    autocast_ctx = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if dtype == "bf16" else None
     try:
         download(args.split, args.cache_dir)  # the data first: it is the quicker thing to find missing
-        logits_fn, max_len = load_model(args.model, device)
-        r = evaluate(logits_fn, device, split=args.split, limit=args.limit, max_len=max_len,
-                     cache_dir=args.cache_dir, progress=True)
+        model = load_model(args.model, device, args.compile)
+        if world_size > 1:
+            import torch.distributed as dist
+
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        t0 = time.time()
+        r = evaluate(model, device, split=args.split, rank=rank, world_size=world_size, limit=args.limit,
+                     batch_tokens=args.batch_tokens, autocast_ctx=autocast_ctx, cache_dir=args.cache_dir,
+                     progress=rank == 0)
+        counts = torch.tensor([r.correct_norm, r.correct, r.total], device=device)
+        if world_size > 1:
+            dist.all_reduce(counts)
+            dist.destroy_process_group()
     except (HellaSwagError, UserError) as e:
         sys.exit(f"hellaswag.py: error: {e}")
-    print(f"{args.model}: {r.total} examples | acc {r.correct / r.total:.4f} | acc_norm {r.correct_norm / r.total:.4f}")
+    correct_norm, correct, total = counts.tolist()
+    if rank == 0:
+        print(f"{args.model}: {total} examples | acc {correct / total:.4f} | acc_norm {correct_norm / total:.4f} "
+              f"| {time.time() - t0:.1f} s")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import glob
 import inspect
+import json
 import math
 import os
 import pickle
@@ -80,15 +81,24 @@ class CausalSelfAttention(nn.Module):
         self.n_head = config.n_head
         self.n_embd = config.n_embd
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, n_head, T, head_size)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        # flash attention: the (T, T) attention matrix is never written to memory
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is not None:  # generation: keys and values of the earlier tokens are kept, not recomputed
+            if "k" in cache:
+                k = torch.cat((cache["k"], k), dim=2)
+                v = torch.cat((cache["v"], v), dim=2)
+            cache["k"], cache["v"] = k, v
+        if k.size(2) == T:
+            # flash attention: the (T, T) attention matrix is never written to memory
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:  # new queries after cached keys: each sees all the cache and the causal part of the new ones
+            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(k.size(2) - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
 
@@ -113,9 +123,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
         # pre-norm: the residual stream itself is never normalised, only what branches off it
-        x = x + self.attn(self.ln_1(x))
+        x = x + self.attn(self.ln_1(x), cache)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -147,37 +157,48 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None):
+    def hidden_states(self, idx, caches=None):
+        """The final (B, T, n_embd) states, before lm_head; `caches` (one dict per layer) for generation."""
         B, T = idx.size()
-        if T > self.config.block_size:
-            raise ValueError(f"sequence of length {T} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(0, T, dtype=torch.long, device=idx.device)
+        start = caches[0]["k"].size(2) if caches and "k" in caches[0] else 0  # tokens already in the cache
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
-        for block in self.transformer.h:
-            x = block(x)
-        x = self.transformer.ln_f(x)
-        logits = self.lm_head(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, caches[i] if caches else None)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None):
+        logits = self.lm_head(self.hidden_states(idx))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
-        """Sample `max_new_tokens` tokens after each row of `idx` (B, T); returns (B, T + max_new_tokens)."""
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
+        """
+        Sample `max_new_tokens` tokens after each row of `idx` (B, T); returns (B, T + max_new_tokens).
+        With the KV cache the prompt is run once and then one token per step; past block_size
+        (where the window must slide) every step runs the whole, cropped sequence instead.
+        """
+        use_cache = use_cache and idx.size(1) + max_new_tokens <= self.config.block_size
+        caches = [{} for _ in self.transformer.h] if use_cache else None
+        new = idx
         for _ in range(max_new_tokens):
-            idx_cond = idx[:, -self.config.block_size:]
-            logits, _ = self(idx_cond)
-            logits = logits[:, -1, :].float() / temperature
-            probs = F.softmax(logits, dim=-1)
+            if use_cache:
+                logits = self.lm_head(self.hidden_states(new, caches)[:, -1, :])
+            else:
+                logits = self(idx[:, -self.config.block_size:])[0][:, -1, :]
+            probs = F.softmax(logits.float() / temperature, dim=-1)
             if top_k is not None:
                 # sample among the k most likely tokens only, renormalised by multinomial
                 probs, candidates = torch.topk(probs, min(top_k, probs.size(-1)), dim=-1)
-                choice = torch.multinomial(probs, 1, generator=generator)
-                next_token = torch.gather(candidates, -1, choice)
+                new = torch.gather(candidates, -1, torch.multinomial(probs, 1, generator=generator))
             else:
-                next_token = torch.multinomial(probs, 1, generator=generator)
-            idx = torch.cat((idx, next_token), dim=1)
+                new = torch.multinomial(probs, 1, generator=generator)
+            idx = torch.cat((idx, new), dim=1)
         return idx
 
     def num_params(self, non_embedding=True):
@@ -211,17 +232,69 @@ class GPT(nn.Module):
                            n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd)
         model = cls(config)
         sd = model.state_dict()
-        sd_hf = {k: v for k, v in hf_model.state_dict().items()
-                 if not k.endswith((".attn.masked_bias", ".attn.bias"))}  # causal-mask buffers, not weights
+        sd_hf = hf_weights(hf_model)
         if set(sd_hf) != set(sd):
             raise UserError(f"{name_or_path}: parameter names differ from GPT-2's: "
                             f"{sorted(set(sd_hf) ^ set(sd))[:4]}")
-        # OpenAI's checkpoints use a Conv1D module, which stores these weights as (in, out)
-        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         with torch.no_grad():
             for k, v in sd_hf.items():
-                sd[k].copy_(v.t() if k.endswith(transposed) else v)
+                sd[k].copy_(conv1d_transpose(k, v))
         return model
+
+    def save_pretrained(self, out_dir, vocab_size=50257):
+        """
+        Write this model as a transformers GPT-2 directory (GPT2LMHeadModel.from_pretrained loads it),
+        with the embedding cut back to the tokenizer's `vocab_size` and GPT-2's tokenizer files beside it.
+        """
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        cfg = self.config
+        if cfg.vocab_size < vocab_size:
+            raise UserError(f"the model's vocabulary ({cfg.vocab_size}) is smaller than GPT-2's tokenizer's ({vocab_size})")
+        hf_model = GPT2LMHeadModel(GPT2Config(
+            vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+            n_head=cfg.n_head, activation_function="gelu_new", bos_token_id=50256, eos_token_id=50256))
+        sd = self.state_dict()
+        with torch.no_grad():
+            for k, v in hf_weights(hf_model).items():
+                # the padding rows past the tokenizer's vocabulary are never used: drop them
+                w = sd[k][:vocab_size] if k in ("transformer.wte.weight", "lm_head.weight") else sd[k]
+                v.copy_(conv1d_transpose(k, w))
+        hf_model.save_pretrained(out_dir)
+        write_gpt2_tokenizer(out_dir, cfg.block_size)
+
+
+def hf_weights(hf_model):
+    """A transformers GPT-2's parameters by name, without its causal-mask buffers."""
+    return {k: v for k, v in hf_model.state_dict().items() if not k.endswith((".attn.masked_bias", ".attn.bias"))}
+
+
+def conv1d_transpose(name, tensor):
+    """transformers' GPT-2 keeps these four weights as (in, out) (its Conv1D), nn.Linear as (out, in): the
+    same transpose converts either way."""
+    conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+    return tensor.t() if name.endswith(conv1d) else tensor
+
+
+def write_gpt2_tokenizer(out_dir, max_length):
+    """GPT-2's own tokenizer files (vocab.json = encoder.json, merges.txt = vocab.bpe), as tiktoken fetches
+    and caches them, so an exported model loads with its tokenizer offline, e.g. in lm-evaluation-harness."""
+    from tiktoken.load import read_file_cached
+
+    base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+    files = {"vocab.json": ("encoder.json", "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+             "merges.txt": ("vocab.bpe", "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5")}
+    try:
+        for name, (remote, sha256) in files.items():
+            with open(os.path.join(out_dir, name), "wb") as f:
+                f.write(read_file_cached(base + remote, sha256))
+    except Exception as e:  # tiktoken raises plain network or hash errors
+        raise UserError(f"could not get GPT-2's tokenizer files ({type(e).__name__}); connect once, or set "
+                        "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cache") from None
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_length, "add_prefix_space": False,
+              "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
 
 
 # -----------------------------------------------------------------------------
@@ -362,13 +435,13 @@ def estimate_val_loss(model, val_loader, val_steps, device, autocast_ctx):
     return loss_accum
 
 
-def sample_text(model, enc, prompt, num_samples, max_length, device, seed):
-    """build-nanogpt's samples: top-50 sampling from a fixed prompt, `max_length` tokens in all."""
+def sample_text(model, enc, prompt, num_samples, max_new_tokens, device, seed, temperature=1.0, top_k=50):
+    """`num_samples` continuations of `prompt`, decoded; the same seed gives the same texts."""
     tokens = torch.tensor(enc.encode(prompt), dtype=torch.long, device=device)
     idx = tokens.unsqueeze(0).repeat(num_samples, 1)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    out = model.generate(idx, max_length - idx.size(1), top_k=50, generator=generator)
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
     # a barely trained model can pick one of the padding ids past the tokenizer's vocabulary
     return [enc.decode([t for t in row.tolist() if t < enc.n_vocab]) for row in out]
 
@@ -524,9 +597,11 @@ def truncate_log(log_file, step):
     os.replace(tmp, log_file)
 
 
-def rotate_checkpoints(log_dir, keep_last):
-    """Delete all but the newest keep_last resume checkpoints; milestones stay."""
-    resume_points = [path for _, path in list_checkpoints(log_dir) if os.path.basename(path).startswith("ckpt_")]
+def rotate_checkpoints(log_dir, keep_last, step):
+    """Keep the newest keep_last resume points up to `step`; milestones stay. Files past `step` (left by
+    an abandoned or unreadable later save) are not counted: the run overwrites them when it gets there."""
+    resume_points = [path for s, path in list_checkpoints(log_dir)
+                     if s <= step and os.path.basename(path).startswith("ckpt_")]
     for path in resume_points[keep_last:]:
         os.remove(path)
 
@@ -611,6 +686,8 @@ def parse_args(argv=None):
     g.add_argument("--val_steps", type=int, default=20, help="val batches per evaluation")
     g.add_argument("--hellaswag", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--hellaswag_limit", type=int, default=None, help="score only the first N val examples")
+    g.add_argument("--hellaswag_batch_tokens", type=int, default=8192,
+                   help="HellaSwag tokens per forward pass (0: one example at a time, build-nanogpt's way)")
     g.add_argument("--sample", action=argparse.BooleanOptionalAction, default=True,
                    help="print 4 samples at every evaluation")
     g.add_argument("--checkpoint_every", type=int, default=5000,
@@ -652,6 +729,8 @@ def parse_args(argv=None):
         p.error("--max_lr must be positive and --min_lr_ratio within [0, 1]")
     if args.hellaswag_limit is not None and args.hellaswag_limit <= 0:
         p.error("--hellaswag_limit must be positive")
+    if args.hellaswag_batch_tokens < 0:
+        p.error("--hellaswag_batch_tokens must be >= 0")
     if args.save_every < 0 or args.save_every_minutes < 0 or args.keep_last < 1:
         p.error("--save_every and --save_every_minutes must be >= 0, --keep_last >= 1")
     return args
@@ -769,6 +848,9 @@ def train(args, stop_signals):
     model = torch.compile(raw_model) if use_compile else raw_model
     if ddp:
         model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
+    # HellaSwag batches vary in shape: a compiled graph of its own, with dynamic shapes, on the same weights
+    hella_model = hellaswag.Model(torch.compile(raw_model.hidden_states, dynamic=True) if use_compile
+                                  else raw_model.hidden_states, raw_model.lm_head, config.block_size)
 
     flops_per_token = raw_model.flops_per_token(T)
     peak_flops = device_peak_flops(device_type, args.peak_tflops)
@@ -816,7 +898,7 @@ def train(args, stop_signals):
             path = None
             if master_process and (stop or ((periodic or timed) and not milestone)):
                 path = save("ckpt", step)
-                rotate_checkpoints(args.log_dir, args.keep_last)
+                rotate_checkpoints(args.log_dir, args.keep_last, step)
                 last_save = time.time()
             if stop:
                 if ddp:
@@ -839,11 +921,9 @@ def train(args, stop_signals):
                 print(f"validation loss: {val_loss:.4f}")
                 log(f"{step} val {val_loss:.4f}")
             if args.hellaswag:
-                # the raw module: compiling would recompile for every example length
-                result = hellaswag.evaluate(
-                    lambda tokens: raw_model(tokens)[0], device, autocast_ctx=autocast_ctx,
-                    rank=ddp_rank, world_size=ddp_world_size, limit=args.hellaswag_limit,
-                    max_len=config.block_size)
+                result = hellaswag.evaluate(hella_model, device, rank=ddp_rank, world_size=ddp_world_size,
+                                            limit=args.hellaswag_limit, batch_tokens=args.hellaswag_batch_tokens,
+                                            autocast_ctx=autocast_ctx)
                 counts = torch.tensor([result.correct_norm, result.total], dtype=torch.long, device=device)
                 if ddp:
                     dist.all_reduce(counts, op=dist.ReduceOp.SUM)
@@ -852,8 +932,9 @@ def train(args, stop_signals):
                     print(f"HellaSwag accuracy: {counts[0].item()}/{counts[1].item()}={acc_norm:.4f}")
                     log(f"{step} hella {acc_norm:.4f}")
             if args.sample and master_process and step > 0:
+                prompt = "Hello, I'm a language model,"  # build-nanogpt's: 8 tokens, 32 in all
                 with autocast_ctx:
-                    samples = sample_text(raw_model, enc, "Hello, I'm a language model,", 4, 32, device, seed=42)
+                    samples = sample_text(raw_model, enc, prompt, 4, 32 - len(enc.encode(prompt)), device, seed=42)
                 for i, text in enumerate(samples):
                     print(f"sample {i}: {text}")
             model.train()

@@ -2,10 +2,11 @@
 
 import itertools
 import os
+import sys
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_script
+from conftest import REPO, assert_one_line_error, run, run_script
 
 import hellaswag
 
@@ -56,7 +57,8 @@ def test_scoring_rule_mean_versus_sum():
 
 
 def oracle(labels, right=True):
-    """A 'model' that knows the answers: the gold row (or, if not right, the row after it) gets cheap tokens."""
+    """A 'model' that knows the answers, one example per call: the gold row (or, if not right, the row
+    after it) gets cheap tokens. Its 'hidden states' are already logits; its head is the identity."""
     labels = iter(labels)
 
     def logits_fn(tokens):
@@ -65,26 +67,66 @@ def oracle(labels, right=True):
         losses[label if right else (label + 1) % 4] = 0.5
         return fixed_loss_logits(tokens, losses)
 
-    return logits_fn
+    return hellaswag.Model(logits_fn, lambda x: x, 1024)
 
 
 def test_evaluate_counts_with_an_oracle(hellaswag_dir):
     labels = [ex["label"] for ex in itertools.islice(hellaswag.iterate_examples("val", hellaswag_dir), 40)]
-    assert hellaswag.evaluate(oracle(labels), "cpu", limit=40) == (40, 40, 40)
-    assert hellaswag.evaluate(oracle(labels, right=False), "cpu", limit=40) == (0, 0, 40)
+    r = hellaswag.evaluate(oracle(labels), "cpu", limit=40, batch_tokens=0)
+    assert (r.correct_norm, r.correct, r.total) == (40, 40, 40)
+    assert r.predictions == {i: (label, label) for i, label in enumerate(labels)}
+    r = hellaswag.evaluate(oracle(labels, right=False), "cpu", limit=40, batch_tokens=0)
+    assert (r.correct_norm, r.correct, r.total) == (0, 0, 40)
+
+
+def tiny_gpt(seed=0, block_size=256):
+    from train_gpt2 import GPT, GPTConfig
+
+    torch.manual_seed(seed)
+    gpt = GPT(GPTConfig(block_size=block_size, vocab_size=50304, n_layer=2, n_head=2, n_embd=64)).eval()
+    return gpt, hellaswag.Model(gpt.hidden_states, gpt.lm_head, block_size)
+
+
+def test_scored_position_losses_equal_full_logits():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    states = torch.randn(8, 12, 16)
+    tokens = torch.randint(0, 50, (8, 12))
+    mask = torch.zeros(8, 12, dtype=torch.long)
+    for row, (start, end) in enumerate([(3, 5), (2, 12), (6, 7), (1, 9)] * 2):
+        mask[row, start:end] = 1
+    model = hellaswag.Model(lambda t: states, head, 12)
+    with torch.no_grad():
+        got = hellaswag.scored_position_losses(model, tokens, mask)
+        want = hellaswag.completion_losses(tokens, mask, head(states))
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-5)
+
+
+def test_batched_predictions_equal_one_at_a_time(hellaswag_dir):
+    """300 real val examples: packed batches (and compiled) pick exactly what one-by-one scoring picks."""
+    gpt, model = tiny_gpt()
+    one = hellaswag.evaluate(model, "cpu", limit=300, batch_tokens=0)
+    batched = hellaswag.evaluate(model, "cpu", limit=300, batch_tokens=8192)
+    assert one.total == batched.total == 300 and len(one.predictions) == 300
+    assert batched.predictions == one.predictions
+    assert batched[:3] == one[:3]
+    # many examples per pass, and the wrong ending often cheaper in total than in mean (acc != acc_norm)
+    assert len(hellaswag.pack(hellaswag.rendered_examples("val", 0, 1, 300, 256, None), 8192)) < 300 / 5
+    assert sum(p != pn for p, pn in one.predictions.values()) > 10
+    compiled = hellaswag.Model(torch.compile(gpt.hidden_states, dynamic=True), gpt.lm_head, 256)
+    assert hellaswag.evaluate(compiled, "cpu", limit=120, batch_tokens=8192).predictions == \
+        {i: p for i, p in one.predictions.items() if i < 120}
 
 
 def test_evaluate_splits_examples_across_ranks(hellaswag_dir):
     """Rank r of W scores examples r, r+W, ...; summed over ranks the counts equal one process's."""
-    torch.manual_seed(0)
-    from train_gpt2 import GPT, GPTConfig
-
-    model = GPT(GPTConfig(block_size=128, vocab_size=50304, n_layer=1, n_head=2, n_embd=32)).eval()
-    fn = lambda tokens: model(tokens)[0]  # noqa: E731
-    whole = hellaswag.evaluate(fn, "cpu", limit=30)
-    parts = [hellaswag.evaluate(fn, "cpu", rank=r, world_size=3, limit=30) for r in range(3)]
+    _, model = tiny_gpt(block_size=128)  # some examples are longer: their contexts are cropped
+    whole = hellaswag.evaluate(model, "cpu", limit=30)
+    parts = [hellaswag.evaluate(model, "cpu", rank=r, world_size=3, limit=30) for r in range(3)]
     assert [p.total for p in parts] == [10, 10, 10]
-    assert tuple(map(sum, zip(*parts))) == tuple(whole)
+    assert [sum(p[k] for p in parts) for k in range(3)] == list(whole[:3])
+    assert {i: v for p in parts for i, v in p.predictions.items()} == whole.predictions
 
 
 def test_command_line_scores_transformers_and_checkpoints(tmp_path, hellaswag_dir):
@@ -105,6 +147,12 @@ def test_command_line_scores_transformers_and_checkpoints(tmp_path, hellaswag_di
     proc = run_script("hellaswag.py", "-m", tmp_path / "model_00010.pt", "--limit", 12)
     assert proc.returncode == 0, proc.stderr
     assert "12 examples | acc " in proc.stdout
+    single = proc.stdout.strip().splitlines()[-1].rsplit(" | ", 1)[0]
+    # under torchrun the examples are split across ranks and the counts summed
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                os.path.join(REPO, "hellaswag.py"), "-m", str(tmp_path / "model_00010.pt"), "--limit", "12"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].rsplit(" | ", 1)[0] == single
 
     proc = run_script("hellaswag.py", "-m", tmp_path / "missing.pt")
     assert_one_line_error(proc, "missing.pt does not exist")

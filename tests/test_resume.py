@@ -263,3 +263,8 @@ def test_checkpoint_contents_rotation_and_timed_saves(small_shards, tmp_path, he
     assert set(ckpt["data"]["train"]) == {"shard", "position", "shard_name"}
     assert set(ckpt["rng"]) >= {"python", "numpy", "torch"}
     assert len(ckpt["optimizer"]["state"]) == len(ckpt["model"]) - 1  # lm_head is wte
+
+    # a leftover from a later point (an abandoned future) does not push out the checkpoints being made
+    open(os.path.join(log_dir, "ckpt_00099.pt"), "wb").close()
+    train_gpt2.rotate_checkpoints(log_dir, 1, 14)
+    assert sorted(n for n in os.listdir(log_dir) if n.startswith("ckpt_")) == ["ckpt_00014.pt", "ckpt_00099.pt"]

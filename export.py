@@ -1,0 +1,38 @@
+"""
+Export a train_gpt2.py checkpoint as a transformers GPT-2 directory, tokenizer included.
+
+    python export.py log/model_19072.pt gpt2-repro
+    python -c "from transformers import pipeline; print(pipeline('text-generation', 'gpt2-repro')('Hello,'))"
+
+The directory is what GPT2LMHeadModel.from_pretrained / AutoTokenizer.from_pretrained read, so
+lm-evaluation-harness, transformers pipelines and the hub take it as they take OpenAI's GPT-2. To bring
+such a directory back, every script here accepts it where it accepts a checkpoint (train_gpt2.GPT.from_pretrained).
+"""
+
+import argparse
+import os
+import sys
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Export a train_gpt2.py checkpoint to a transformers GPT-2 directory.")
+    p.add_argument("checkpoint", help="a model_*.pt or ckpt_*.pt of train_gpt2.py")
+    p.add_argument("out_dir", help="the directory to write (must not exist yet, or be empty)")
+    args = p.parse_args(argv)
+
+    from train_gpt2 import UserError, load_model_checkpoint
+
+    if os.path.isdir(args.out_dir) and os.listdir(args.out_dir):
+        sys.exit(f"export.py: error: {args.out_dir} is not empty; pass a new directory")
+    try:
+        model = load_model_checkpoint(args.checkpoint)
+        os.makedirs(args.out_dir, exist_ok=True)
+        model.save_pretrained(args.out_dir)
+    except UserError as e:
+        sys.exit(f"export.py: error: {e}")
+    print(f"wrote {args.out_dir}: GPT-2 with {model.config.n_layer} layers, {model.config.n_embd} wide, "
+          f"{model.config.block_size} positions, and its tokenizer")
+
+
+if __name__ == "__main__":
+    main()

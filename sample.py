@@ -1,0 +1,55 @@
+"""
+Sample text from a GPT-2: a checkpoint of train_gpt2.py or a transformers GPT-2 (hub name or directory).
+
+    python sample.py -m log/model_19072.pt --prompt "The meaning of life is" --num_samples 4
+    python sample.py -m gpt2 --max_new_tokens 200 --temperature 0.8 --top_k 40 --seed 1
+
+Generation uses the model's KV cache: the prompt is run once, then one token per step.
+"""
+
+import argparse
+import contextlib
+import sys
+
+import torch
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Sample from a GPT-2 checkpoint.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-m", "--model", default="log/model_19072.pt",
+                   help="a train_gpt2.py .pt checkpoint, gpt2 / gpt2-medium / ..., or a transformers directory")
+    p.add_argument("--prompt", default="Hello, I'm a language model,")
+    p.add_argument("--num_samples", type=int, default=4)
+    p.add_argument("--max_new_tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="below 1: more likely tokens; above: more random")
+    p.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
+    args = p.parse_args(argv)
+    if args.num_samples <= 0 or args.max_new_tokens <= 0 or args.temperature <= 0 or args.top_k < 0:
+        p.error("--num_samples, --max_new_tokens and --temperature must be positive, --top_k >= 0")
+
+    from hellaswag import HellaSwagError, get_encoder
+    from train_gpt2 import GPT, UserError, autodetect_device, load_model_checkpoint, sample_text
+
+    device = args.device or autodetect_device()
+    try:
+        enc = get_encoder()
+        if args.model.endswith(".pt"):
+            model = load_model_checkpoint(args.model, device)
+        else:
+            model = GPT.from_pretrained(args.model).to(device)
+    except (UserError, HellaSwagError) as e:
+        sys.exit(f"sample.py: error: {e}")
+    model.eval()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+    with autocast:
+        texts = sample_text(model, enc, args.prompt, args.num_samples, args.max_new_tokens, device, args.seed,
+                            args.temperature, args.top_k or None)
+    for i, text in enumerate(texts):
+        print(f"--- sample {i}\n{text}")
+
+
+if __name__ == "__main__":
+    main()
