@@ -2,32 +2,45 @@
 FineWeb-Edu (sample-10BT) -> GPT-2 token shards for train_gpt2.py.
 
     python fineweb.py                                    # ~10B tokens into ./edu_fineweb10B (about 20 GB)
+    python fineweb.py --dataset fineweb --remote_name sample-100BT --streaming --out_dir fineweb100B
+    python fineweb.py --dataset shakespeare              # Tiny Shakespeare, for a first run on a laptop
     python fineweb.py --dataset my_corpus.jsonl --out_dir my_shards --shard_size 10000000
 
 Every document is prefixed with <|endoftext|> and tokenized with tiktoken's GPT-2 BPE; the
-token stream is cut into shards of --shard_size uint16 tokens, saved with np.save as
-{prefix}_{split}_{index:06d}.npy. Shard 0 is the val split, the rest train. A document that
-does not fit in the current shard continues in the next one. Given the same documents in
-the same order, the files are byte-identical to build-nanogpt's fineweb.py.
+token stream is cut into shards of --shard_size uint16 tokens, {prefix}_{split}_{index:06d}.npy
+(or llm.c's .bin). Shard 0 is the val split, the rest train. A document that does not fit in the
+current shard continues in the next one. Given the same documents in the same order, the .npy files
+are byte-identical to build-nanogpt's fineweb.py. An interrupted run, rerun with the same flags,
+continues after its last finished shard and writes exactly what an uninterrupted run writes.
 """
 
 import argparse
 import glob
+import json
 import multiprocessing as mp
 import os
 import sys
+import time
 
 import numpy as np
 from tqdm import tqdm
 
+HUB_DATASETS = {"fineweb-edu": "HuggingFaceFW/fineweb-edu", "fineweb": "HuggingFaceFW/fineweb"}
+HUB_SAMPLES = ("sample-10BT", "sample-100BT", "sample-350BT")
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 COMPRESSION = (".xz", ".gz", ".bz2", ".zst")
+BIN_MAGIC, BIN_VERSION = 20240520, 1  # llm.c's data file header
 
 _enc = None  # each worker's tokenizer, made by init_worker
 
 
 class DataError(Exception):
     """Bad input or no network; printed as one line."""
+
+
+# -----------------------------------------------------------------------------
+# Tokenization: large batches of documents per task, so the work, not the messaging, dominates
 
 
 def init_worker():
@@ -37,11 +50,110 @@ def init_worker():
     _enc = tiktoken.get_encoding("gpt2")
 
 
-def tokenize(text):
-    """One document -> uint16 tokens, starting with the <|endoftext|> delimiter."""
-    tokens = np.array([_enc.eot_token] + _enc.encode_ordinary(text))
-    assert (0 <= tokens).all() and (tokens < 2 ** 16).all(), "token ids must fit in uint16"
-    return tokens.astype(np.uint16)
+def tokenize_batch(texts):
+    """Documents -> (their tokens concatenated, each one led by <|endoftext|>, as uint16; each one's length)."""
+    docs = [_enc.encode_ordinary(text) for text in texts]
+    lengths = np.array([len(d) + 1 for d in docs], dtype=np.int64)
+    tokens = np.empty(int(lengths.sum()), dtype=np.uint16)
+    starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    for start, doc in zip(starts, docs):
+        tokens[start] = _enc.eot_token
+        tokens[start + 1:start + len(doc) + 1] = doc  # GPT-2's ids are all below 2**16
+    return tokens, lengths
+
+
+def batches(texts, chunk_chars):
+    """Group documents into lists of about chunk_chars characters, in order."""
+    batch, size = [], 0
+    for text in texts:
+        batch.append(text)
+        size += len(text)
+        if size >= chunk_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+# -----------------------------------------------------------------------------
+# Shards
+
+
+def shard_path(out_dir, prefix, index, fmt):
+    return os.path.join(out_dir, f"{prefix}_{'val' if index == 0 else 'train'}_{index:06d}.{fmt}")
+
+
+def write_shard(path, tokens):
+    """np.save (.npy) or llm.c's header + uint16 (.bin), through a temporary file and a rename."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        if path.endswith(".bin"):
+            header = np.zeros(256, dtype=np.int32)
+            header[:3] = (BIN_MAGIC, BIN_VERSION, len(tokens))
+            f.write(header.tobytes())
+            f.write(tokens.astype(np.uint16).tobytes())
+        else:
+            np.save(f, tokens)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """
+    Packs the token stream into shards. After each shard it records where the stream stands, as
+    (documents finished, tokens of the next document already written), so a rerun can start there.
+    """
+
+    def __init__(self, out_dir, prefix, shard_size, fmt, next_shard, doc, on_shard):
+        self.out_dir, self.prefix, self.shard_size, self.fmt = out_dir, prefix, shard_size, fmt
+        self.buf = np.empty((shard_size,), dtype=np.uint16)
+        self.count = 0  # tokens in buf
+        self.next_shard = next_shard
+        self.doc = doc  # index of the first document of the next batch
+        self.on_shard = on_shard
+        self.tokens_written = 0
+        self.bar = None
+
+    def add(self, tokens, lengths, skip=0):
+        """Append a batch's tokens (documents of these lengths), leaving out its first `skip` tokens."""
+        ends = np.cumsum(lengths)
+        used = skip  # tokens of this batch placed (or skipped) so far
+        # a batch that fills the shard (exactly, or past its end) closes it; the rest starts the next
+        while self.count + len(tokens) - used >= self.shard_size:
+            take = self.shard_size - self.count
+            self.place(tokens[used:used + take])
+            used += take
+            finished = int(np.searchsorted(ends, used, side="right"))  # documents wholly before the cut
+            self.flush(doc=self.doc + finished, offset=used - (int(ends[finished - 1]) if finished else 0))
+        self.place(tokens[used:])
+        self.doc += len(lengths)
+
+    def place(self, tokens):
+        if self.bar is None:
+            self.bar = tqdm(total=self.shard_size, unit="tokens", desc=f"Shard {self.next_shard}")
+        self.buf[self.count:self.count + len(tokens)] = tokens
+        self.count += len(tokens)
+        self.bar.update(len(tokens))
+
+    def flush(self, doc, offset):
+        write_shard(shard_path(self.out_dir, self.prefix, self.next_shard, self.fmt), self.buf[:self.count])
+        self.tokens_written += self.count
+        self.next_shard += 1
+        self.count = 0
+        self.on_shard(self.next_shard, doc, offset)
+        self.bar.close()
+        self.bar = None
+
+    def close(self):
+        if self.count:
+            self.flush(doc=self.doc, offset=0)
+        elif self.bar is not None:
+            self.bar.close()
+
+
+# -----------------------------------------------------------------------------
+# Datasets
 
 
 def local_files(path):
@@ -62,34 +174,53 @@ def local_files(path):
     return kinds.popitem()
 
 
-def load_documents(args):
-    """An iterable of document texts, in the dataset's order."""
+def fetch_shakespeare(out_dir):
+    """Tiny Shakespeare (1.1 MB, one document), downloaded once into out_dir/input.txt."""
+    from hellaswag import HellaSwagError, download_file
+
+    path = os.path.join(out_dir, "input.txt")
+    if not os.path.exists(path):
+        os.makedirs(out_dir, exist_ok=True)
+        try:
+            download_file(SHAKESPEARE_URL, path)
+        except HellaSwagError as e:
+            raise DataError(str(e)) from None
+    return path
+
+
+def load_documents(args, skip):
+    """The dataset (after its first `skip` documents) as an iterator of texts, and a short description."""
     import datasets
 
     datasets.logging.set_verbosity_error()
-    if os.path.exists(args.dataset):
-        builder, files = local_files(args.dataset)
+    source = fetch_shakespeare(args.out_dir) if args.dataset == "shakespeare" else args.dataset
+    if os.path.exists(source):
+        builder, files = local_files(source)
         # .txt: one document per file, as the `text` builder reads it with sample_by="document"
         kwargs = {"sample_by": "document"} if builder == "text" else {}
-        what = f"{args.dataset} ({len(files)} {builder} file{'s' if len(files) > 1 else ''})"
+        what = f"{source} ({len(files)} {builder} file{'s' if len(files) > 1 else ''})"
         try:
-            ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
+            ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=args.streaming, **kwargs)
         except Exception as e:
             raise DataError(f"could not read {what}: {first_line(e)}") from None
     else:
-        if args.dataset.startswith((".", "/", "~")) or any(e in args.dataset for e in LOCAL_BUILDERS):
-            raise DataError(f"local dataset {args.dataset} does not exist")
-        what = f"{args.dataset} ({args.remote_name})"
+        if source.startswith((".", "/", "~")) or any(e in source for e in LOCAL_BUILDERS):
+            raise DataError(f"local dataset {source} does not exist")
+        name = HUB_DATASETS.get(source, source)
+        what = f"{name} ({args.remote_name}{', streaming' if args.streaming else ''})"
         try:
-            ds = datasets.load_dataset(args.dataset, name=args.remote_name, split="train")
+            ds = datasets.load_dataset(name, name=args.remote_name, split="train", streaming=args.streaming)
         except Exception as e:
             raise DataError(f"could not load {what} from the Hugging Face hub: {first_line(e)}. Check the name "
                             "and the network, or pass a local .jsonl/.parquet/.txt path with --dataset") from None
-    if args.text_column not in ds.column_names:
-        raise DataError(f"{what} has no {args.text_column!r} column (columns: {', '.join(ds.column_names)}); "
+    columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)))
+    if args.text_column not in columns:
+        raise DataError(f"{what} has no {args.text_column!r} column (columns: {', '.join(columns)}); "
                         "pass --text_column")
-    print(f"{what}: {len(ds):,} documents")
-    return (doc[args.text_column] for doc in ds)
+    if skip:
+        ds = ds.skip(skip)
+    print(f"{what}: {'streaming' if args.streaming else f'{len(ds) + skip:,} documents'}")
+    return (text for batch in ds.iter(batch_size=1024) for text in batch[args.text_column]), what
 
 
 def first_line(e):
@@ -97,103 +228,128 @@ def first_line(e):
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def write_shard(path, tokens):
-    """np.save through a temporary file and a rename: a shard on disk is always complete."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        np.save(f, tokens)
+# -----------------------------------------------------------------------------
+# Restarting: where the last finished shard left the document stream
+
+
+def progress_path(args):
+    return os.path.join(args.out_dir, f"{args.prefix}_progress.json")
+
+
+def fingerprint(args):
+    """What must not change between a run and its continuation."""
+    return {k: getattr(args, k) for k in ("dataset", "remote_name", "text_column", "shard_size", "prefix", "format")}
+
+
+def save_progress(args, **state):
+    tmp = progress_path(args) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"fingerprint": fingerprint(args), **state}, f, indent=2)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    os.replace(tmp, progress_path(args))
 
 
-def write_shards(token_arrays, out_dir, prefix, shard_size):
-    """Pack the token arrays into shards in order; returns the paths written."""
-    paths = []
-    buf = np.empty((shard_size,), dtype=np.uint16)
-    count = 0
-    bar = None
-
-    def flush(n):
-        split = "val" if not paths else "train"
-        path = os.path.join(out_dir, f"{prefix}_{split}_{len(paths):06d}.npy")
-        write_shard(path, buf[:n])
-        paths.append(path)
-
-    for tokens in token_arrays:
-        if bar is None:
-            bar = tqdm(total=shard_size, unit="tokens", desc=f"Shard {len(paths)}")
-        # a document that fills the shard (exactly, or past its end) closes it; the rest starts the next
-        while count + len(tokens) >= shard_size:
-            remainder = shard_size - count
-            buf[count:] = tokens[:remainder]
-            bar.update(remainder)
-            bar.close()
-            flush(shard_size)
-            tokens = tokens[remainder:]
-            count = 0
-            bar = tqdm(total=shard_size, unit="tokens", desc=f"Shard {len(paths)}")
-        buf[count:count + len(tokens)] = tokens
-        count += len(tokens)
-        bar.update(len(tokens))
-    if bar is not None:
-        bar.close()
-    if count:
-        flush(count)
-    return paths
-
-
-def prepare_out_dir(out_dir, prefix, overwrite):
-    """Existing shards are never replaced unless asked to."""
-    os.makedirs(out_dir, exist_ok=True)
-    existing = sorted(glob.glob(os.path.join(out_dir, f"{prefix}_*.npy")))
-    if existing and not overwrite:
-        raise DataError(f"{out_dir} already holds {len(existing)} {prefix}_*.npy shards; pass --out_dir NEW_DIR, "
-                        "or --overwrite to delete them and write new ones")
-    for f in existing:
+def prepare_out_dir(args):
+    """Where to start: {"next_shard", "doc", "offset"}, or None when the run has already finished."""
+    os.makedirs(args.out_dir, exist_ok=True)
+    existing = sorted(glob.glob(os.path.join(args.out_dir, f"{args.prefix}_*_*.npy")) +
+                      glob.glob(os.path.join(args.out_dir, f"{args.prefix}_*_*.bin")))
+    state = None
+    if os.path.exists(progress_path(args)) and not args.overwrite:
+        with open(progress_path(args)) as f:
+            state = json.load(f)
+        if state["fingerprint"] != fingerprint(args):
+            changed = [k for k, v in fingerprint(args).items() if state["fingerprint"].get(k) != v]
+            raise DataError(f"{args.out_dir} holds a run made with other --{', --'.join(changed)}; rerun with "
+                            "its flags to continue it, or pass --out_dir NEW_DIR, or --overwrite")
+        if state.get("done"):
+            return None
+        # shards past the recorded point were written after the progress file: they are made again
+        return state
+    if existing and not args.overwrite:
+        raise DataError(f"{args.out_dir} already holds {len(existing)} {args.prefix} shards that this script did "
+                        "not record; pass --out_dir NEW_DIR, or --overwrite to delete them and write new ones")
+    for f in existing + glob.glob(progress_path(args)):
         os.remove(f)
+    return {"next_shard": 0, "doc": 0, "offset": 0}
+
+
+# -----------------------------------------------------------------------------
+# Main
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Tokenize a text dataset into GPT-2 uint16 shards.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu",
-                   help="a hub dataset id, or a local .jsonl/.json/.parquet file, a folder of them, "
-                        "or a folder of .txt files (one document per file); .xz/.gz/.bz2/.zst are read too")
-    p.add_argument("--remote_name", default="sample-10BT", help="the hub dataset's config name")
+                   help="fineweb-edu, fineweb, shakespeare, any hub dataset id, or a local .jsonl/.json/.parquet "
+                        "file, a folder of them, or a folder of .txt files (one document per file); "
+                        ".xz/.gz/.bz2/.zst are read too")
+    p.add_argument("--remote_name", default="sample-10BT",
+                   help=f"the hub dataset's config; for FineWeb(-Edu): {', '.join(HUB_SAMPLES)}")
+    p.add_argument("--streaming", action="store_true", help="read the hub dataset as it downloads, not after")
     p.add_argument("--text_column", default="text")
-    p.add_argument("--out_dir", default="edu_fineweb10B")
+    p.add_argument("--out_dir", default=None, help="default: edu_fineweb10B (tinyshakespeare for shakespeare)")
     p.add_argument("--prefix", default="edufineweb", help="shard file names start with this")
-    p.add_argument("--shard_size", type=int, default=10 ** 8, help="tokens per shard")
-    p.add_argument("--num_proc", type=int, default=max(1, (os.cpu_count() or 2) // 2),
-                   help="tokenizer processes")
+    p.add_argument("--format", choices=["npy", "bin"], default="npy",
+                   help="npy (build-nanogpt) or bin (llm.c: 256 int32 header, then uint16 tokens)")
+    p.add_argument("--shard_size", type=int, default=None, help="tokens per shard (default 10**8; 50,000 "
+                                                                 "for shakespeare)")
+    p.add_argument("--num_proc", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
+    p.add_argument("--chunk_chars", type=int, default=2_000_000, help="characters of text per tokenizer task")
     p.add_argument("--overwrite", action="store_true", help="delete the shards already in --out_dir first")
     args = p.parse_args(argv)
-    if args.shard_size <= 0 or args.num_proc <= 0:
-        p.error("--shard_size and --num_proc must be positive")
+    shakespeare = args.dataset == "shakespeare"
+    args.out_dir = args.out_dir or ("tinyshakespeare" if shakespeare else "edu_fineweb10B")
+    if args.shard_size is None:
+        args.shard_size = 50_000 if shakespeare else 10 ** 8
+    if args.dataset in HUB_DATASETS and args.remote_name not in HUB_SAMPLES:
+        p.error(f"--remote_name for {args.dataset} is one of {', '.join(HUB_SAMPLES)}")
+    if args.shard_size <= 0 or args.num_proc <= 0 or args.chunk_chars <= 0:
+        p.error("--shard_size, --num_proc and --chunk_chars must be positive")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
+    t0 = time.time()
     try:
         init_worker()  # fail here, once, if the tokenizer cannot be loaded
     except Exception as e:
         sys.exit(f"fineweb.py: error: could not load the GPT-2 tokenizer ({type(e).__name__}); connect once "
                  "to cache it, or set TIKTOKEN_CACHE_DIR to a folder holding its files")
     try:
-        texts = load_documents(args)
-        prepare_out_dir(args.out_dir, args.prefix, args.overwrite)
-        # imap keeps the documents' order; chunks of 16 amortise the inter-process traffic
+        state = prepare_out_dir(args)
+        if state is None:
+            print(f"{args.out_dir} is complete already (see {progress_path(args)}); nothing to do")
+            return
+        texts, what = load_documents(args, skip=state["doc"])
+        if state["next_shard"]:
+            print(f"continuing after shard {state['next_shard'] - 1}: document {state['doc']:,}, "
+                  f"token {state['offset']:,} of it")
+        writer = ShardWriter(args.out_dir, args.prefix, args.shard_size, args.format, state["next_shard"],
+                             state["doc"], lambda next_shard, doc, offset: save_progress(
+                                 args, next_shard=next_shard, doc=doc, offset=offset))
+        t1 = time.time()
+        # imap keeps the documents' order; each task is a batch of about chunk_chars characters
         with mp.Pool(args.num_proc, initializer=init_worker) as pool:
-            paths = write_shards(pool.imap(tokenize, texts, chunksize=16), args.out_dir, args.prefix,
-                                 args.shard_size)
+            for i, (tokens, lengths) in enumerate(pool.imap(tokenize_batch, batches(texts, args.chunk_chars))):
+                # the first document's first tokens may be in the last run's shards already
+                writer.add(tokens, lengths, skip=state["offset"] if i == 0 else 0)
+        writer.close()
     except DataError as e:
         sys.exit(f"fineweb.py: error: {e}")
-    if not paths:
-        sys.exit(f"fineweb.py: error: {args.dataset} holds no documents")
-    print(f"wrote {len(paths)} shards to {args.out_dir} (1 val, {len(paths) - 1} train)")
-    if len(paths) == 1:
+    if writer.next_shard == 0:
+        sys.exit(f"fineweb.py: error: {what} holds no documents")
+    dt = time.time() - t1
+    summary = dict(documents=writer.doc, tokens=writer.tokens_written, shards=writer.next_shard,
+                   seconds=round(time.time() - t0, 1), tokens_per_second=round(writer.tokens_written / dt))
+    save_progress(args, next_shard=writer.next_shard, doc=writer.doc, offset=0, done=True, **summary)
+    print(f"wrote {writer.next_shard} shards to {args.out_dir} (1 val, {writer.next_shard - 1} train): "
+          f"{writer.doc:,} documents, {writer.tokens_written:,} tokens this run, "
+          f"{writer.tokens_written / dt / 1e6:.2f}M tokens/s tokenizing and writing, {time.time() - t0:.1f} s in all")
+    if writer.next_shard == 1:
         print("warning: only the val shard was written; train_gpt2.py needs train shards too: "
               "use a smaller --shard_size")
 

@@ -66,7 +66,7 @@ def download_file(url, path, chunk_size=1 << 20):
         os.replace(tmp, path)
     except requests.RequestException as e:
         raise HellaSwagError(f"could not download {url} ({type(e).__name__}); fetch it yourself and place it "
-                             f"at {path} (or set HELLASWAG_CACHE_DIR)") from None
+                             f"at {path}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -298,7 +298,10 @@ def write_gpt2_tokenizer(out_dir, max_length):
 
 
 # -----------------------------------------------------------------------------
-# Data: token shards written by fineweb.py (build-nanogpt's format: a uint16 .npy per shard)
+# Data: token shards written by fineweb.py: build-nanogpt's uint16 .npy, or llm.c's .bin
+
+EOT = 50256  # <|endoftext|>: fineweb.py puts one before every document
+BIN_MAGIC, BIN_VERSION = 20240520, 1
 
 
 def list_shards(data_root, split):
@@ -306,23 +309,49 @@ def list_shards(data_root, split):
     if not os.path.isdir(data_root):
         raise UserError(f"data directory {data_root!r} does not exist; run `python fineweb.py` to make it, "
                         "or point --data_dir at your shards")
-    shards = sorted(glob.glob(os.path.join(data_root, f"*_{split}_*.npy")))
+    shards = sorted(glob.glob(os.path.join(data_root, f"*_{split}_*.npy")) +
+                    glob.glob(os.path.join(data_root, f"*_{split}_*.bin")))
     if not shards:
-        raise UserError(f"no {split} shards (*_{split}_*.npy) in {data_root!r}; run `python fineweb.py`, "
+        raise UserError(f"no {split} shards (*_{split}_*.npy or .bin) in {data_root!r}; run `python fineweb.py`, "
                         "or point --data_dir at your shards")
     return shards
 
 
-def load_tokens(path):
-    """Memory-map one shard: only the slices a batch touches are read from disk."""
-    try:
-        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise UserError(f"shard {path} is unreadable ({e}); delete it and rerun `python fineweb.py`") from None
-    if tokens.dtype != np.uint16 or tokens.ndim != 1:
-        raise UserError(f"shard {path} holds {tokens.dtype} of shape {tokens.shape}, expected a 1-D uint16 "
-                        "array as fineweb.py writes")
+def load_tokens(path, vocab_size=None):
+    """
+    Memory-map one shard: only the slices a batch touches are read from disk. With vocab_size, also
+    check every token id (a full read of the shard, done when training reaches it).
+    """
+    fix = "delete it and rerun `python fineweb.py`"
+    if path.endswith(".bin"):  # llm.c: 256 int32 (magic, version, token count, ...), then uint16 tokens
+        header = np.fromfile(path, dtype=np.int32, count=256)
+        if len(header) < 256 or header[0] != BIN_MAGIC:
+            raise UserError(f"shard {path} is not an llm.c data file (no magic number {BIN_MAGIC}); {fix}")
+        if header[1] != BIN_VERSION:
+            raise UserError(f"shard {path} is llm.c data version {header[1]}, only {BIN_VERSION} (uint16) is read")
+        size, expected = os.path.getsize(path), 256 * 4 + 2 * int(header[2])
+        if size != expected:
+            raise UserError(f"shard {path} has {size:,} bytes, its header promises {expected:,}: truncated? {fix}")
+        tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=256 * 4, shape=(int(header[2]),))
+    else:
+        try:
+            tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise UserError(f"shard {path} is unreadable ({e}); {fix}") from None
+        if tokens.dtype != np.uint16 or tokens.ndim != 1:
+            raise UserError(f"shard {path} holds {tokens.dtype} of shape {tokens.shape}, expected a 1-D uint16 "
+                            "array as fineweb.py writes")
+    if vocab_size is not None and len(tokens) and (top := int(tokens.max())) >= vocab_size:
+        raise UserError(f"shard {path} holds token id {top}, beyond the model's vocabulary of {vocab_size}: "
+                        f"not GPT-2 tokens? {fix}")
     return tokens
+
+
+def shuffle_documents(tokens, rng):
+    """The shard's documents (each starting at <|endoftext|>; the first may be a continuation) in random order."""
+    starts = np.flatnonzero(tokens == EOT)
+    docs = np.split(np.asarray(tokens), starts[starts > 0])
+    return np.concatenate([docs[i] for i in rng.permutation(len(docs))])
 
 
 class DataLoaderLite:
@@ -331,11 +360,17 @@ class DataLoaderLite:
     adjacent B*T chunks, so together the ranks walk through the shards as one process
     with a W times larger batch would. All ranks move to the next shard at the same
     time (build-nanogpt's check depended on the rank and could desynchronise them).
+
+    With shuffle, each epoch visits the shards in a seeded random order and each shard's
+    documents in a seeded random order, the same on every rank; (epoch, place in the
+    order, position) is the whole state, so a resumed run sees the same stream.
     """
 
-    def __init__(self, B, T, process_rank, num_processes, split, data_root="edu_fineweb10B"):
+    def __init__(self, B, T, process_rank, num_processes, split, data_root="edu_fineweb10B", vocab_size=None,
+                 shuffle=False, seed=0):
         self.B, self.T = B, T
         self.process_rank, self.num_processes = process_rank, num_processes
+        self.vocab_size, self.shuffle, self.seed = vocab_size, shuffle, seed
         need = B * T * num_processes + 1
         self.shards, self.skipped = [], []
         for path in list_shards(data_root, split):  # opening a memmap reads only the header: cheap, fails early
@@ -347,9 +382,19 @@ class DataLoaderLite:
         self.reset()
 
     def reset(self):
-        self.current_shard = 0
-        self.tokens = load_tokens(self.shards[self.current_shard])
+        self.epoch, self.order_index = 0, 0
+        self._load_shard()
         self.current_position = 0  # where this step's W chunks start, the same on every rank
+
+    def _load_shard(self):
+        """Load the shard at order_index of this epoch's order (name order unless shuffling)."""
+        order = (np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards)) if self.shuffle
+                 else range(len(self.shards)))
+        self.current_shard = int(order[self.order_index])
+        self.tokens = load_tokens(self.shards[self.current_shard], self.vocab_size)
+        if self.shuffle:
+            self.tokens = shuffle_documents(self.tokens, np.random.default_rng([self.seed, self.epoch,
+                                                                                self.current_shard]))
 
     def next_batch(self):
         B, T = self.B, self.T
@@ -364,14 +409,17 @@ class DataLoaderLite:
     def _advance_if_needed(self):
         # move on when the next step's chunks (plus the one extra target token) would not fit
         if self.current_position + self.B * self.T * self.num_processes + 1 > len(self.tokens):
-            self.current_shard = (self.current_shard + 1) % len(self.shards)
-            self.tokens = load_tokens(self.shards[self.current_shard])
+            self.order_index += 1
+            if self.order_index == len(self.shards):
+                self.epoch, self.order_index = self.epoch + 1, 0
+            self._load_shard()
             self.current_position = 0
 
     def state_dict(self):
         """The position, shared by all ranks: rank r reads next at position + r * B * T."""
-        return {"shard": self.current_shard, "position": self.current_position,
-                "shard_name": os.path.basename(self.shards[self.current_shard])}
+        return {"epoch": self.epoch, "order_index": self.order_index, "shard": self.current_shard,
+                "position": self.current_position, "shard_name": os.path.basename(self.shards[self.current_shard]),
+                "shuffle": self.shuffle, "seed": self.seed}
 
     def load_state_dict(self, state):
         names = [os.path.basename(p) for p in self.shards]
@@ -379,8 +427,8 @@ class DataLoaderLite:
             raise UserError(f"the checkpoint was reading shard {state['shard_name']} (number {state['shard']}), "
                             f"which is not where it was in the {len(names)} shards of the data dir now; "
                             "resume with the same --data_dir contents")
-        self.current_shard = state["shard"]
-        self.tokens = load_tokens(self.shards[self.current_shard])
+        self.epoch, self.order_index = state["epoch"], state["order_index"]
+        self._load_shard()
         self.current_position = state["position"]
         # another -B or world size reads a differently sized group of chunks: it may not fit here any more
         self._advance_if_needed()
@@ -569,8 +617,8 @@ def check_resumable(ckpt, config, args, world_size):
                          if getattr(config, k) != v)
         raise UserError(f"the checkpoint is of another model: {diff}; pass the checkpoint's model flags, "
                         "or --log_dir NEW to start a new run")
-    for flag in ("seq_len", "total_batch_size"):
-        if saved[flag] != getattr(args, flag):
+    for flag in ("seq_len", "total_batch_size", "shuffle"):
+        if saved.get(flag, False) != getattr(args, flag):
             raise UserError(f"the checkpoint was trained with --{flag} {saved[flag]}, this run has "
                             f"{getattr(args, flag)}: the batches would change; pass --{flag} {saved[flag]}")
     notes = []
@@ -670,6 +718,8 @@ def parse_args(argv=None):
     g.add_argument("--data_dir", default="edu_fineweb10B", help="folder of *_train_*.npy / *_val_*.npy shards")
     g.add_argument("--log_dir", default="log", help="log.txt and model_*.pt go here")
     g.add_argument("--overwrite", action="store_true", help="start over in a --log_dir that already holds a run")
+    g.add_argument("--shuffle", action="store_true",
+                   help="each epoch: shards and the documents in them in a seeded random order (changes the math)")
     g = p.add_argument_group("batch")
     g.add_argument("-B", "--batch_size", type=int, default=64, help="micro-batch size per process")
     g.add_argument("-T", "--seq_len", type=int, default=1024, help="sequence length")
@@ -801,8 +851,9 @@ def train(args, stop_signals):
     grad_accum_steps = args.total_batch_size // tokens_per_micro_step
 
     # check everything the user supplied before the (slow) process group and model start
-    train_loader = DataLoaderLite(B, T, ddp_rank, ddp_world_size, "train", args.data_dir)
-    val_loader = DataLoaderLite(B, T, ddp_rank, ddp_world_size, "val", args.data_dir)
+    train_loader = DataLoaderLite(B, T, ddp_rank, ddp_world_size, "train", args.data_dir, args.vocab_size,
+                                  shuffle=args.shuffle, seed=args.seed)
+    val_loader = DataLoaderLite(B, T, ddp_rank, ddp_world_size, "val", args.data_dir, args.vocab_size)
     enc = None
     try:
         if args.sample or args.hellaswag:

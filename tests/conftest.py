@@ -64,12 +64,15 @@ def shakespeare_path():
 
 @pytest.fixture(scope="session")
 def shakespeare_shards(tmp_path_factory, shakespeare_path, enc):
-    """Tiny Shakespeare through fineweb.py: 100k-token shards, shard 0 = val (about 338k tokens in all)."""
+    """`fineweb.py --dataset shakespeare` (its download replaced by the local copy placed where it goes):
+    50k-token shards, shard 0 = val, about 338k tokens in all."""
     import fineweb
 
-    out = str(tmp_path_factory.mktemp("shakespeare") / "shards")
-    fineweb.main(["--dataset", shakespeare_path, "--out_dir", out, "--shard_size", "100000", "--num_proc", "1"])
-    return out
+    out = tmp_path_factory.mktemp("shakespeare") / "tinyshakespeare"
+    os.makedirs(out)
+    shutil.copy(shakespeare_path, out / "input.txt")
+    fineweb.main(["--dataset", "shakespeare", "--out_dir", str(out), "--num_proc", "1"])
+    return str(out)
 
 
 def write_shards(root, lengths, split="train", first_index=1, dtype=np.uint16):

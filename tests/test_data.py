@@ -1,5 +1,6 @@
 """DataLoaderLite on hand-made shards whose token values tell where each batch came from."""
 
+import collections
 import os
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 import torch
 from conftest import write_shards
 
-from train_gpt2 import DataLoaderLite, UserError
+from train_gpt2 import EOT, DataLoaderLite, UserError
 
 
 def build_nanogpt_stream(shards, B, T, steps):
@@ -103,7 +104,7 @@ def test_a_shard_too_short_for_one_step_is_skipped(tmp_path):
 def test_errors_name_the_fix(tmp_path):
     with pytest.raises(UserError, match="does not exist; run `python fineweb.py`"):
         DataLoaderLite(1, 8, 0, 1, "train", str(tmp_path / "nowhere"))
-    with pytest.raises(UserError, match=r"no train shards \(\*_train_\*.npy\)"):
+    with pytest.raises(UserError, match=r"no train shards \(\*_train_\*.npy or .bin\)"):
         DataLoaderLite(1, 8, 0, 1, "train", str(tmp_path))
 
     write_shards(tmp_path / "small", [16])
@@ -125,3 +126,97 @@ def test_errors_name_the_fix(tmp_path):
         f.write(b"not a numpy file at all")
     with pytest.raises(UserError, match="unreadable"):
         DataLoaderLite(1, 8, 0, 1, "train", str(tmp_path / "junk"))
+
+
+def write_bin(path, tokens, magic=20240520, version=1, count=None):
+    header = np.zeros(256, dtype=np.int32)
+    header[:3] = (magic, version, len(tokens) if count is None else count)
+    with open(path, "wb") as f:
+        f.write(header.tobytes() + np.asarray(tokens, dtype=np.uint16).tobytes())
+
+
+def test_llm_c_bin_shards_read_like_npy(tmp_path):
+    npy = write_shards(tmp_path / "npy", [300, 170])
+    os.makedirs(tmp_path / "bin")
+    for path in npy:
+        write_bin(tmp_path / "bin" / os.path.basename(path).replace(".npy", ".bin"), np.load(path))
+    a = DataLoaderLite(2, 8, 0, 1, "train", str(tmp_path / "npy"), vocab_size=50304)
+    b = DataLoaderLite(2, 8, 0, 1, "train", str(tmp_path / "bin"), vocab_size=50304)
+    assert isinstance(b.tokens, np.memmap)
+    for _ in range(40):
+        assert all(torch.equal(u, v) for u, v in zip(a.next_batch(), b.next_batch()))
+
+
+def test_bad_bin_files_are_named(tmp_path):
+    cases = {"magic": dict(magic=1234), "version": dict(version=2), "truncated": dict(count=500)}
+    for name, kwargs in cases.items():
+        os.makedirs(tmp_path / name)
+        write_bin(tmp_path / name / "x_train_000001.bin", np.arange(200), **kwargs)
+    with pytest.raises(UserError, match="not an llm.c data file"):
+        DataLoaderLite(1, 8, 0, 1, "train", str(tmp_path / "magic"))
+    with pytest.raises(UserError, match="llm.c data version 2"):
+        DataLoaderLite(1, 8, 0, 1, "train", str(tmp_path / "version"))
+    with pytest.raises(UserError, match="has 1,424 bytes, its header promises 2,024: truncated"):
+        DataLoaderLite(1, 8, 0, 1, "train", str(tmp_path / "truncated"))
+    os.makedirs(tmp_path / "vocab")
+    write_bin(tmp_path / "vocab" / "x_train_000001.bin", [5, 60000, 7] * 20)  # not GPT-2 tokens
+    with pytest.raises(UserError, match="token id 60000, beyond the model's vocabulary of 50304"):
+        DataLoaderLite(1, 8, 0, 1, "train", str(tmp_path / "vocab"), vocab_size=50304)
+
+
+def document_shards(root, doc_lengths_per_shard):
+    """Shards of documents [EOT, unique ids...] of the given lengths; from the second shard on, the first
+    document has no EOT (it continues the previous shard's last), as in fineweb.py's shards."""
+    ids = iter(range(EOT))
+    os.makedirs(root, exist_ok=True)
+    for i, lengths in enumerate(doc_lengths_per_shard):
+        tokens = []
+        for j, n in enumerate(lengths):
+            continuation = i > 0 and j == 0
+            tokens += ([] if continuation else [EOT]) + [next(ids) for _ in range(n if continuation else n - 1)]
+        np.save(os.path.join(root, f"edufineweb_train_{i + 1:06d}.npy"), np.array(tokens, dtype=np.uint16))
+
+
+def epoch_of_batches(loader, steps):
+    return [loader.next_batch()[0] for _ in range(steps)]
+
+
+def test_shuffled_epochs_cover_every_token_once_and_differ(tmp_path):
+    B, T, W = 2, 8, 2  # a step reads 32 tokens; each shard holds whole steps + 1
+    document_shards(tmp_path, [[5, 9, 3, 16], [11, 7, 15], [6, 6, 6, 6, 9]])  # 33 tokens each
+    shard_tokens = [np.load(p) for p in sorted(tmp_path.glob("*.npy"))]
+    loaders = [DataLoaderLite(B, T, r, W, "train", str(tmp_path), shuffle=True, seed=7) for r in range(W)]
+    epochs = []
+    for _ in range(3):
+        seen = [torch.cat([x.flatten() for x in epoch_of_batches(loader, 3)]) for loader in loaders]
+        epochs.append(torch.cat(seen).tolist())
+    for tokens in epochs:
+        # inputs cover each shard but its last token (only ever a target), every token once
+        missing = collections.Counter(np.concatenate(shard_tokens).tolist()) - collections.Counter(tokens)
+        assert sum(missing.values()) == 3 and not collections.Counter(tokens) - collections.Counter(
+            np.concatenate(shard_tokens).tolist())
+        assert len([t for t in tokens if t != EOT]) == len(set(t for t in tokens if t != EOT))
+    assert epochs[0] != epochs[1] != epochs[2]
+    plain = DataLoaderLite(B, T, 0, W, "train", str(tmp_path))
+    assert torch.cat(epoch_of_batches(plain, 9)).tolist() != torch.cat(epoch_of_batches(loaders[0], 9)).tolist()
+    # documents stay whole: each shuffled shard is its documents, reordered
+    assert any(sorted(loaders[0].tokens.tolist()) == sorted(s.tolist()) for s in shard_tokens)
+
+
+def test_shuffle_is_the_same_on_every_rank_and_across_a_resume(tmp_path):
+    B, T, W = 2, 8, 2
+    document_shards(tmp_path, [[5, 9, 3, 16], [11, 7, 15], [6, 6, 6, 6, 9]])
+    single = DataLoaderLite(B * W, T, 0, 1, "train", str(tmp_path), shuffle=True, seed=3)
+    ranks = [DataLoaderLite(B, T, r, W, "train", str(tmp_path), shuffle=True, seed=3) for r in range(W)]
+    for _ in range(7):
+        x = single.next_batch()[0]  # (B*W, T): rank r's rows are r*B .. (r+1)*B
+        for r, loader in enumerate(ranks):
+            assert torch.equal(loader.next_batch()[0], x[r * B:(r + 1) * B])
+    state = ranks[0].state_dict()
+    assert state["epoch"] == 2 and state["shuffle"]
+    resumed = DataLoaderLite(B, T, 0, W, "train", str(tmp_path), shuffle=True, seed=3)
+    resumed.load_state_dict(state)
+    for _ in range(10):
+        assert torch.equal(resumed.next_batch()[0], ranks[0].next_batch()[0])
+    other_seed = DataLoaderLite(B, T, 0, W, "train", str(tmp_path), shuffle=True, seed=4)
+    assert any(not torch.equal(other_seed.next_batch()[0], resumed.next_batch()[0]) for _ in range(9))

@@ -4,7 +4,10 @@ import glob
 import io
 import json
 import os
+import shutil
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -25,8 +28,9 @@ def expected_shards(texts, enc, shard_size):
 
 
 def shard_files(out_dir):
-    """(name, bytes) of every file in out_dir, in shard-index order (the name's last 10 characters)."""
-    paths = sorted(glob.glob(os.path.join(out_dir, "*")), key=lambda p: p[-10:])
+    """(name, bytes) of every shard in out_dir, in shard-index order (the name's last 10 characters)."""
+    paths = sorted(glob.glob(os.path.join(out_dir, "*_*_*.npy")) + glob.glob(os.path.join(out_dir, "*_*_*.bin")),
+                   key=lambda p: p[-10:])
     return [(os.path.basename(p), open(p, "rb").read()) for p in paths]
 
 
@@ -102,13 +106,124 @@ def test_existing_shards_are_kept_unless_overwrite(tmp_path, docs):
     out = tmp_path / "out"
     fineweb.main(["--dataset", str(path), "--out_dir", str(out), "--shard_size", "500"])
     before = shard_files(out)
+    proc = run_script("fineweb.py", "--dataset", path, "--out_dir", out, "--shard_size", 500)
+    assert proc.returncode == 0 and "is complete already" in proc.stdout
     proc = run_script("fineweb.py", "--dataset", path, "--out_dir", out, "--shard_size", 100000)
-    assert_one_line_error(proc, "already holds", "--overwrite")
+    assert_one_line_error(proc, "holds a run made with other --shard_size", "--overwrite")
+    assert shard_files(out) == before
+    os.remove(out / "edufineweb_progress.json")  # shards from elsewhere, e.g. build-nanogpt's fineweb.py
+    proc = run_script("fineweb.py", "--dataset", path, "--out_dir", out, "--shard_size", 500)
+    assert_one_line_error(proc, f"already holds {len(before)} edufineweb shards that this script did not record")
     assert shard_files(out) == before
     proc = run_script("fineweb.py", "--dataset", path, "--out_dir", out, "--shard_size", 100000, "--overwrite")
     assert proc.returncode == 0, proc.stderr
     assert [name for name, _ in shard_files(out)] == ["edufineweb_val_000000.npy"]
     assert "only the val shard was written" in proc.stdout
+
+
+NOVELS = os.path.join(os.path.dirname(REPO), "shared", "data", "novels", "english_novels_95.jsonl.xz")
+
+
+@pytest.fixture(scope="module")
+def novels(enc):
+    if not os.path.exists(NOVELS):
+        pytest.skip(f"no {NOVELS}")
+    return NOVELS
+
+
+def test_killed_run_continues_byte_identical(tmp_path, novels):
+    """Kill -9 after some shards, twice, and rerun: the shards equal an uninterrupted run's, byte for byte.
+    The novels are ~200k tokens each and span several 40k-token shards: the restart points fall inside
+    documents, and the second run is killed while still inside the document it resumed in."""
+    args = ["--dataset", novels, "--shard_size", 40_000, "--num_proc", 2, "--chunk_chars", 300_000]
+    reference = run_script("fineweb.py", *args, "--out_dir", tmp_path / "ref")
+    assert reference.returncode == 0, reference.stderr
+    out = tmp_path / "out"
+    for kill_after in (3, 6):
+        proc = subprocess.Popen([sys.executable, os.path.join(REPO, "fineweb.py"), *map(str, args), "--out_dir",
+                                 str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while not os.path.exists(out / f"edufineweb_train_{kill_after:06d}.npy"):
+            assert proc.poll() is None, "finished before the kill"
+            time.sleep(0.005)
+        proc.kill()
+        proc.wait()
+        with open(out / "edufineweb_progress.json") as f:
+            state = json.load(f)
+        # the shard file appears a moment before the progress record: it may name this shard or the next
+        assert not state.get("done") and state["next_shard"] >= kill_after and state["offset"] > 0
+    proc = run_script("fineweb.py", *args, "--out_dir", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "continuing after shard" in proc.stdout
+    assert shard_files(out) == shard_files(tmp_path / "ref")
+    assert len(shard_files(out)) == 468  # 18,711,220 tokens
+    assert "18,711,220 tokens" in reference.stdout and "95 documents" in reference.stdout
+    assert "M tokens/s" in reference.stdout
+
+
+def test_restart_inside_a_document_that_spans_several_shards(tmp_path, enc):
+    """A crash right after a shard whose end falls inside a long document, with more cuts to come inside it."""
+    texts = ["short one", " ".join(f"word{i}" for i in range(3000)), "after the long one", "last"]
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    lengths = [1 + len(enc.encode_ordinary(t)) for t in texts]
+    shard_size = lengths[1] // 5  # the long document spans five shards or more
+    argv = ["--dataset", str(path), "--shard_size", str(shard_size), "--num_proc", "1"]
+    fineweb.main(argv + ["--out_dir", str(tmp_path / "ref")])
+    reference = shard_files(tmp_path / "ref")
+    # the state after shard 2: its end lies inside document 1, and so does the next shard's
+    args = fineweb.parse_args(argv + ["--out_dir", str(tmp_path / "out")])
+    os.makedirs(args.out_dir)
+    for name, data in reference[:3]:
+        (tmp_path / "out" / name).write_bytes(data)
+    offset = 3 * shard_size - lengths[0]
+    assert 0 < offset and offset + shard_size < lengths[1]
+    fineweb.save_progress(args, next_shard=3, doc=1, offset=offset)
+    fineweb.main(argv + ["--out_dir", str(tmp_path / "out")])
+    assert shard_files(tmp_path / "out") == reference
+
+    # and every restart point recorded on the way is where that shard's end really is in the stream
+    fineweb.init_worker()
+    tokens, doc_lengths = fineweb.tokenize_batch(texts[1:])
+    records = []
+    writer = fineweb.ShardWriter(str(tmp_path / "again"), "x", shard_size, "npy", 3, 1,
+                                 lambda *state: records.append(state))
+    os.makedirs(tmp_path / "again")
+    writer.add(tokens, doc_lengths, skip=offset)
+    writer.close()
+    starts = np.cumsum([0] + lengths)
+    assert len(records) >= 3 and [r[0] for r in records] == list(range(4, 4 + len(records)))
+    for next_shard, doc, doc_offset in records[:-1]:
+        assert starts[doc] + doc_offset == next_shard * shard_size and doc_offset < lengths[doc]
+    assert records[-1] == (len(reference), len(texts), 0)
+
+
+def test_streaming_and_llm_c_bin_format(tmp_path, docs, enc):
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    common = ["--dataset", str(path), "--shard_size", "500"]
+    fineweb.main(common + ["--out_dir", str(tmp_path / "plain")])
+    fineweb.main(common + ["--out_dir", str(tmp_path / "streamed"), "--streaming"])
+    assert shard_files(tmp_path / "streamed") == shard_files(tmp_path / "plain")
+    fineweb.main(common + ["--out_dir", str(tmp_path / "bin"), "--format", "bin"])
+    bins, npys = shard_files(tmp_path / "bin"), shard_files(tmp_path / "plain")
+    assert [n for n, _ in bins] == [n.replace(".npy", ".bin") for n, _ in npys]
+    for (_, b), (_, n) in zip(bins, npys):
+        header = np.frombuffer(b[:1024], dtype=np.int32)
+        tokens = np.load(io.BytesIO(n))
+        assert tuple(header[:3]) == (20240520, 1, len(tokens)) and not header[3:].any()
+        assert b[1024:] == tokens.tobytes()
+
+
+def test_shakespeare_preset(tmp_path, shakespeare_path, enc):
+    """--dataset shakespeare downloads Tiny Shakespeare to OUT/input.txt; a file already there is used as is."""
+    out = tmp_path / "tinyshakespeare"
+    os.makedirs(out)
+    shutil.copy(shakespeare_path, out / "input.txt")
+    proc = run_script("fineweb.py", "--dataset", "shakespeare", "--out_dir", out)
+    assert proc.returncode == 0, proc.stderr
+    text = open(shakespeare_path).read()
+    assert shard_files(out) == expected_shards([text], enc, 50_000)
+    assert [n for n, _ in shard_files(out)][:2] == ["edufineweb_val_000000.npy", "edufineweb_train_000001.npy"]
 
 
 def test_bad_inputs_give_one_line_errors(tmp_path, enc):
@@ -123,5 +238,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path, enc):
     proc = run_script("fineweb.py", "--dataset", tmp_path / "notes.md", "--out_dir", tmp_path / "o")
     assert_one_line_error(proc, "expected .jsonl, .json, .parquet or .txt")
     proc = run_script("fineweb.py", "--shard_size", "0")
-    assert_one_line_error(proc, "--shard_size and --num_proc must be positive")
+    assert_one_line_error(proc, "--shard_size, --num_proc and --chunk_chars must be positive")
+    proc = run_script("fineweb.py", "--dataset", "fineweb", "--remote_name", "sample-1BT")
+    assert_one_line_error(proc, "--remote_name for fineweb is one of sample-10BT, sample-100BT, sample-350BT")
     assert not os.path.exists(tmp_path / "o") or not os.listdir(tmp_path / "o")

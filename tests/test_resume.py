@@ -147,6 +147,21 @@ def test_kill9_anywhere_then_resume_is_byte_identical(reference, small_shards, t
     assert not glob.glob(os.path.join(log_dir, "*.tmp"))
 
 
+def test_shuffled_run_resumes_byte_identical(small_shards, tmp_path, hellaswag_dir):
+    args = train_args(small_shards, tmp_path / "ref", extra=["--shuffle"])
+    finish(args)
+    plain = tmp_path / "plain"
+    finish(train_args(small_shards, plain))
+    assert log_bytes(tmp_path / "ref") != log_bytes(plain)  # the shuffle changed the stream
+    log_dir = str(tmp_path / "log")
+    args = train_args(small_shards, log_dir, extra=["--shuffle"])
+    proc = start(args)
+    wait_until(proc, logged(log_dir, f"{random.Random().randint(4, STEPS - 3)} train"))
+    kill9(proc)
+    finish(args)
+    assert log_bytes(log_dir) == log_bytes(tmp_path / "ref")
+
+
 def test_kill9_two_processes_then_resume_is_byte_identical(reference, small_shards, tmp_path):
     log_dir = str(tmp_path / "log")
     args = train_args(small_shards, log_dir)
@@ -209,6 +224,7 @@ def test_mismatches_and_bad_checkpoints_are_clear(reference, small_shards, tmp_p
     msg = run_main(*args, "-T", 16)
     assert "trained with --seq_len 32, this run has 16" in msg and "pass --seq_len 32" in msg
     assert "trained with --total_batch_size 256, this run has 512" in run_main(*args, "--total_batch_size", 512)
+    assert "trained with --shuffle False, this run has True" in run_main(*args, "--shuffle")
 
     (tmp_path / "junk.pt").write_bytes(b"\x80\x02not a checkpoint")
     assert "junk.pt is not a readable train_gpt2.py checkpoint" in run_main(*args, "--resume", tmp_path / "junk.pt")
@@ -260,7 +276,7 @@ def test_checkpoint_contents_rotation_and_timed_saves(small_shards, tmp_path, he
     ckpt = torch.load(os.path.join(log_dir, "ckpt_00014.pt"), weights_only=True)
     assert {"model", "optimizer", "config", "step", "val_loss", "args", "world_size", "data", "rng"} <= set(ckpt)
     assert ckpt["step"] == 14 and ckpt["world_size"] == 1 and ckpt["args"]["batch_size"] == 4
-    assert set(ckpt["data"]["train"]) == {"shard", "position", "shard_name"}
+    assert set(ckpt["data"]["train"]) == {"epoch", "order_index", "shard", "position", "shard_name", "shuffle", "seed"}
     assert set(ckpt["rng"]) >= {"python", "numpy", "torch"}
     assert len(ckpt["optimizer"]["state"]) == len(ckpt["model"]) - 1  # lm_head is wte
 
