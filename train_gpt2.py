@@ -70,7 +70,7 @@ class GPTConfig:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, attention="sdpa"):
         super().__init__()
         if config.n_embd % config.n_head != 0:
             raise UserError(f"n_embd ({config.n_embd}) must be a multiple of n_head ({config.n_head})")
@@ -80,6 +80,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj.RESIDUAL_SCALE_INIT = True  # this projection adds into the residual stream
         self.n_head = config.n_head
         self.n_embd = config.n_embd
+        self.attention = attention  # "sdpa", or "manual": the same math with the (T, T) matrix written out
 
     def forward(self, x, cache=None):
         B, T, C = x.size()
@@ -93,12 +94,17 @@ class CausalSelfAttention(nn.Module):
                 k = torch.cat((cache["k"], k), dim=2)
                 v = torch.cat((cache["v"], v), dim=2)
             cache["k"], cache["v"] = k, v
-        if k.size(2) == T:
+        if self.attention == "sdpa" and k.size(2) == T:
             # flash attention: the (T, T) attention matrix is never written to memory
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:  # new queries after cached keys: each sees all the cache and the causal part of the new ones
+        else:
+            # each query sees the cached keys and the causal part of the new ones
             mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(k.size(2) - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            if self.attention == "manual":  # the textbook way, written out: the speed ladder's baseline
+                att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+                y = F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1) @ v
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
 
@@ -116,10 +122,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, attention="sdpa"):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, attention)
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
@@ -131,13 +137,13 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, attention="sdpa"):
         super().__init__()
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, attention) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -434,11 +440,34 @@ class DataLoaderLite:
         self._advance_if_needed()
 
 
+class SyntheticLoader:
+    """Random tokens in place of shards, for measuring speed with no data on disk (--synthetic)."""
+
+    def __init__(self, B, T, process_rank, num_processes, split, seed=0):
+        self.B, self.T, self.num_processes = B, T, num_processes
+        self.shards, self.skipped = [], []
+        self.seed = [seed, process_rank, split == "val"]
+        self.reset()
+
+    def reset(self):
+        self.generator = torch.Generator().manual_seed(hash(tuple(self.seed)) % 2 ** 31)
+
+    def next_batch(self):
+        buf = torch.randint(0, 50257, (self.B * self.T + 1,), generator=self.generator)
+        return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+
+
 # -----------------------------------------------------------------------------
 # Optimizer and learning-rate schedule
 
 
-def configure_optimizers(model, weight_decay, learning_rate, device_type):
+def configure_optimizers(model, weight_decay, learning_rate, device_type, fused=None):
     """AdamW with decay on matrices (matmul weights, embeddings) only; biases and LayerNorm gains are left alone."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay_params = [p for p in params if p.dim() >= 2]
@@ -447,8 +476,9 @@ def configure_optimizers(model, weight_decay, learning_rate, device_type):
         {"params": decay_params, "weight_decay": weight_decay},
         {"params": nodecay_params, "weight_decay": 0.0},
     ]
-    # the fused CUDA kernel updates all parameters in one launch instead of several per tensor
-    use_fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    # the fused kernel updates all parameters in one launch instead of several per tensor (default: on CUDA)
+    use_fused = (device_type == "cuda" if fused is None else fused) and \
+        "fused" in inspect.signature(torch.optim.AdamW).parameters
     extra = {"fused": True} if use_fused else {}
     return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, **extra)
 
@@ -763,6 +793,16 @@ def parse_args(argv=None):
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA)")
     g.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU, if not in the table")
+    g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on CUDA")
+    g.add_argument("--fused_adamw", action=argparse.BooleanOptionalAction, default=None,
+                   help="the fused AdamW kernel (default: on for CUDA)")
+    g.add_argument("--attention", choices=["sdpa", "manual"], default="sdpa",
+                   help="sdpa: flash attention; manual: the (T, T) matrix written out (same math)")
+    g = p.add_argument_group("benchmarking")
+    g.add_argument("--synthetic", action="store_true", help="random tokens instead of --data_dir's shards")
+    g.add_argument("--benchmark", action="store_true",
+                   help="measure speed: --synthetic data, no evaluation, log or checkpoints; --max_steps steps, "
+                        "then one summary line (median ms/step after warm-up, tok/s, MFU, peak memory)")
     g.add_argument("--seed", type=int, default=1337)
     args = p.parse_args(argv)
 
@@ -783,6 +823,8 @@ def parse_args(argv=None):
         p.error("--hellaswag_batch_tokens must be >= 0")
     if args.save_every < 0 or args.save_every_minutes < 0 or args.keep_last < 1:
         p.error("--save_every and --save_every_minutes must be >= 0, --keep_last >= 1")
+    if args.benchmark:  # speed only: nothing read from or written to disk, nothing but training steps
+        args.synthetic, args.hellaswag, args.sample, args.resume = True, False, False, "none"
     return args
 
 
@@ -851,9 +893,13 @@ def train(args, stop_signals):
     grad_accum_steps = args.total_batch_size // tokens_per_micro_step
 
     # check everything the user supplied before the (slow) process group and model start
-    train_loader = DataLoaderLite(B, T, ddp_rank, ddp_world_size, "train", args.data_dir, args.vocab_size,
-                                  shuffle=args.shuffle, seed=args.seed)
-    val_loader = DataLoaderLite(B, T, ddp_rank, ddp_world_size, "val", args.data_dir, args.vocab_size)
+    if args.synthetic:
+        train_loader = SyntheticLoader(B, T, ddp_rank, ddp_world_size, "train", args.seed)
+        val_loader = SyntheticLoader(B, T, ddp_rank, ddp_world_size, "val", args.seed)
+    else:
+        train_loader = DataLoaderLite(B, T, ddp_rank, ddp_world_size, "train", args.data_dir, args.vocab_size,
+                                      shuffle=args.shuffle, seed=args.seed)
+        val_loader = DataLoaderLite(B, T, ddp_rank, ddp_world_size, "val", args.data_dir, args.vocab_size)
     enc = None
     try:
         if args.sample or args.hellaswag:
@@ -871,7 +917,7 @@ def train(args, stop_signals):
     notes = check_resumable(ckpt, config, args, ddp_world_size) if ckpt else []
     start_step = ckpt["step"] if ckpt else 0
     resumed_from = ckpt["path"] if ckpt else None
-    log_file = prepare_log_dir(args, start_step if ckpt else None) if master_process else None
+    log_file = prepare_log_dir(args, start_step if ckpt else None) if master_process and not args.benchmark else None
 
     if ddp:
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
@@ -883,10 +929,11 @@ def train(args, stop_signals):
     torch.manual_seed(args.seed)
     if device_type == "cuda":
         torch.cuda.manual_seed(args.seed)
-        torch.set_float32_matmul_precision("high")  # TF32 matmuls; CPU matmuls stay full fp32
+        # TF32 matmuls (10-bit mantissa inputs, fp32 accumulation); CPU matmuls stay full fp32
+        torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
 
-    raw_model = GPT(config).to(device)  # the plain module: evaluated, sampled and saved
-    optimizer = configure_optimizers(raw_model, args.weight_decay, args.max_lr, device_type)
+    raw_model = GPT(config, args.attention).to(device)  # the plain module: evaluated, sampled and saved
+    optimizer = configure_optimizers(raw_model, args.weight_decay, args.max_lr, device_type, args.fused_adamw)
     val_loss = None
     if ckpt:
         raw_model.load_state_dict(ckpt["model"])
@@ -908,12 +955,14 @@ def train(args, stop_signals):
     if master_process:
         n_decay = sum(p.numel() for p in optimizer.param_groups[0]["params"])
         n_nodecay = sum(p.numel() for p in optimizer.param_groups[1]["params"])
-        print(f"device {device} | dtype {dtype} | compile {use_compile} | processes {ddp_world_size}")
+        print(f"device {device} | dtype {dtype} | compile {use_compile} | processes {ddp_world_size} | attention "
+              f"{args.attention} | fused AdamW {optimizer.defaults.get('fused') or False}")
         print(f"model: {raw_model.num_params(non_embedding=False):,} parameters "
               f"({n_decay:,} decayed, {n_nodecay:,} not)")
         print(f"total batch {args.total_batch_size:,} tokens = {B} x {T} x {ddp_world_size} processes "
               f"x {grad_accum_steps} accumulation steps")
-        print(f"train shards {len(train_loader.shards)}, val shards {len(val_loader.shards)} in {args.data_dir}")
+        print("data: random tokens (--synthetic)" if args.synthetic else
+              f"train shards {len(train_loader.shards)}, val shards {len(val_loader.shards)} in {args.data_dir}")
         for path in train_loader.skipped + val_loader.skipped:
             print(f"note: skipping {path}: shorter than one batch of {B}x{T}x{ddp_world_size}+1 tokens")
         if peak_flops is None:
@@ -924,8 +973,9 @@ def train(args, stop_signals):
             print(f"note: {note}")
 
     def log(line):
-        with open(log_file, "a") as f:
-            f.write(line + "\n")
+        if log_file:
+            with open(log_file, "a") as f:
+                f.write(line + "\n")
 
     def save(name, step):
         path = os.path.join(args.log_dir, f"{name}_{step:05d}.pt")
@@ -933,21 +983,23 @@ def train(args, stop_signals):
         print(f"saved {path}")
         return path
 
+    step_times = []
     last_save = time.time()
     for step in range(start_step, args.max_steps):
         last_step = step == args.max_steps - 1
 
         # --- resume points: every rank takes the same decision, so all stop at the same step
         if step > start_step:
+            stop = len(stop_signals) > 0
             timed = master_process and 0 < args.save_every_minutes * 60 <= time.time() - last_save
-            flags = torch.tensor([len(stop_signals) > 0, timed], dtype=torch.float32, device=device)
-            if ddp:
+            if ddp:  # one rank's signal or clock stops or saves them all (one process needs no device sync)
+                flags = torch.tensor([stop, timed], dtype=torch.float32, device=device)
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            stop, timed = flags.tolist()
+                stop, timed = flags.tolist()
             milestone = step % args.checkpoint_every == 0 or last_step
             periodic = args.save_every > 0 and step % args.save_every == 0
             path = None
-            if master_process and (stop or ((periodic or timed) and not milestone)):
+            if master_process and not args.benchmark and (stop or ((periodic or timed) and not milestone)):
                 path = save("ckpt", step)
                 rotate_checkpoints(args.log_dir, args.keep_last, step)
                 last_save = time.time()
@@ -962,7 +1014,7 @@ def train(args, stop_signals):
                 return 128 + signum  # non-zero, so a restart loop runs it again
 
         # --- evaluate: at step 0, every eval_every steps and at the last step (before its update)
-        if step % args.eval_every == 0 or last_step:
+        if not args.benchmark and (step % args.eval_every == 0 or last_step):
             model.eval()
             val_loss_t = estimate_val_loss(model, val_loader, args.val_steps, device, autocast_ctx)
             if ddp:
@@ -990,7 +1042,7 @@ def train(args, stop_signals):
                     print(f"sample {i}: {text}")
             model.train()
 
-        if master_process and step > 0 and (step % args.checkpoint_every == 0 or last_step):
+        if master_process and not args.benchmark and step > 0 and (step % args.checkpoint_every == 0 or last_step):
             save("model", step)
             last_save = time.time()
 
@@ -1019,6 +1071,7 @@ def train(args, stop_signals):
         optimizer.step()
         synchronize(device_type)
         dt = time.time() - t0
+        step_times.append(dt)
         if master_process:
             tokens_per_sec = args.total_batch_size / dt
             mfu = "" if peak_flops is None else \
@@ -1027,9 +1080,33 @@ def train(args, stop_signals):
                   f"dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f}{mfu}")
             log(f"{step} train {loss_accum.item():.6f}")
 
+    if master_process and args.benchmark:
+        print_benchmark(args, step_times, flops_per_token, peak_flops, ddp_world_size, device_type)
     if ddp:
         dist.destroy_process_group()
     return 0
+
+
+def print_benchmark(args, step_times, flops_per_token, peak_flops, world_size, device_type):
+    """The median step after warm-up (the first fifth of the steps, at least one: compilation, allocator)."""
+    warmup = max(1, len(step_times) // 5)
+    measured = sorted(step_times[warmup:] or step_times)
+    ms = 1000 * measured[len(measured) // 2]
+    tokens_per_sec = args.total_batch_size / (ms / 1000)
+    mfu = 100 * flops_per_token * tokens_per_sec / (peak_flops * world_size) if peak_flops else None
+    if device_type == "cuda":
+        peak_memory = torch.cuda.max_memory_allocated() / 2 ** 30
+    else:  # the process's peak resident memory (Linux reports KiB, macOS bytes)
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak_memory = rss / (2 ** 30 if sys.platform == "darwin" else 2 ** 20)
+    result = dict(ms_per_step=round(ms, 2), tokens_per_sec=round(tokens_per_sec), mfu=mfu and round(mfu, 2),
+                  peak_memory_gib=round(peak_memory, 2), steps_measured=len(measured), warmup_steps=warmup)
+    print(f"benchmark: median {ms:.2f} ms/step over {len(measured)} steps after {warmup} warm-up | "
+          f"{tokens_per_sec:,.0f} tok/s | MFU {'n/a' if mfu is None else f'{mfu:.2f}%'} | "
+          f"peak {'GPU' if device_type == 'cuda' else 'process'} memory {peak_memory:.2f} GiB")
+    print("BENCHMARK " + json.dumps(result))  # for benchmarks/ladder.py
 
 
 def main(argv=None):
