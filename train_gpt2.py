@@ -446,11 +446,11 @@ class SyntheticLoader:
     def __init__(self, B, T, process_rank, num_processes, split, seed=0):
         self.B, self.T, self.num_processes = B, T, num_processes
         self.shards, self.skipped = [], []
-        self.seed = [seed, process_rank, split == "val"]
+        self.seed = 2 * (seed * 1000 + process_rank) + (split == "val")  # its own stream per rank and split
         self.reset()
 
     def reset(self):
-        self.generator = torch.Generator().manual_seed(hash(tuple(self.seed)) % 2 ** 31)
+        self.generator = torch.Generator().manual_seed(self.seed)
 
     def next_batch(self):
         buf = torch.randint(0, 50257, (self.B * self.T + 1,), generator=self.generator)
