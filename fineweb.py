@@ -252,7 +252,6 @@ def save_progress(args, **state):
 
 def prepare_out_dir(args):
     """Where to start: {"next_shard", "doc", "offset"}, or None when the run has already finished."""
-    os.makedirs(args.out_dir, exist_ok=True)
     existing = sorted(glob.glob(os.path.join(args.out_dir, f"{args.prefix}_*_*.npy")) +
                       glob.glob(os.path.join(args.out_dir, f"{args.prefix}_*_*.bin")))
     state = None
@@ -325,6 +324,7 @@ def main(argv=None):
             print(f"{args.out_dir} is complete already (see {progress_path(args)}); nothing to do")
             return
         texts, what = load_documents(args, skip=state["doc"])
+        os.makedirs(args.out_dir, exist_ok=True)  # only now: a failed start leaves nothing behind
         if state["next_shard"]:
             print(f"continuing after shard {state['next_shard'] - 1}: document {state['doc']:,}, "
                   f"token {state['offset']:,} of it")
