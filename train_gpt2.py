@@ -745,7 +745,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train GPT-2 from scratch; the defaults are the GPT-2 124M recipe.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data and output")
-    g.add_argument("--data_dir", default="edu_fineweb10B", help="folder of *_train_*.npy / *_val_*.npy shards")
+    g.add_argument("--data_dir", default="edu_fineweb10B",
+                   help="folder of *_train_* / *_val_* shards, .npy (build-nanogpt) or .bin (llm.c)")
     g.add_argument("--log_dir", default="log", help="log.txt and model_*.pt go here")
     g.add_argument("--overwrite", action="store_true", help="start over in a --log_dir that already holds a run")
     g.add_argument("--shuffle", action="store_true",
@@ -757,14 +758,15 @@ def parse_args(argv=None):
     g = p.add_argument_group("optimization")
     g.add_argument("--max_steps", type=int, default=19073, help="10B tokens / 2**19 tokens per step")
     g.add_argument("--warmup_steps", type=int, default=715, help="375M tokens, as in GPT-3")
-    g.add_argument("--max_lr", type=float, default=6e-4)
+    g.add_argument("--max_lr", type=float, default=6e-4, help="peak learning rate (GPT-3 Small's)")
     g.add_argument("--min_lr_ratio", type=float, default=0.1, help="min_lr = max_lr * this")
-    g.add_argument("--weight_decay", type=float, default=0.1)
+    g.add_argument("--weight_decay", type=float, default=0.1, help="AdamW decay of the 2-D tensors only")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this")
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval_every", type=int, default=250, help="val loss, HellaSwag and samples every N steps")
-    g.add_argument("--val_steps", type=int, default=20, help="val batches per evaluation")
-    g.add_argument("--hellaswag", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--val_steps", type=int, default=20, help="val batches per evaluation, per process")
+    g.add_argument("--hellaswag", action=argparse.BooleanOptionalAction, default=True,
+                   help="HellaSwag acc_norm at every evaluation, split across processes")
     g.add_argument("--hellaswag_limit", type=int, default=None, help="score only the first N val examples")
     g.add_argument("--hellaswag_batch_tokens", type=int, default=8192,
                    help="HellaSwag tokens per forward pass (0: one example at a time, build-nanogpt's way)")
@@ -781,10 +783,10 @@ def parse_args(argv=None):
     g.add_argument("--save_every_minutes", type=float, default=0, help="also every M minutes (0: off)")
     g.add_argument("--keep_last", type=int, default=2, help="how many ckpt_*.pt to keep (milestones always stay)")
     g = p.add_argument_group("model")
-    g.add_argument("--n_layer", type=int, default=12)
-    g.add_argument("--n_head", type=int, default=12)
-    g.add_argument("--n_embd", type=int, default=768)
-    g.add_argument("--block_size", type=int, default=1024)
+    g.add_argument("--n_layer", type=int, default=12, help="transformer blocks")
+    g.add_argument("--n_head", type=int, default=12, help="attention heads")
+    g.add_argument("--n_embd", type=int, default=768, help="width of the residual stream")
+    g.add_argument("--block_size", type=int, default=1024, help="longest context (positions learned)")
     g.add_argument("--vocab_size", type=int, default=50304, help="50257 padded to a multiple of 128 for speed")
     g = p.add_argument_group("system")
     g.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
@@ -803,7 +805,7 @@ def parse_args(argv=None):
     g.add_argument("--benchmark", action="store_true",
                    help="measure speed: --synthetic data, no evaluation, log or checkpoints; --max_steps steps, "
                         "then one summary line (median ms/step after warm-up, tok/s, MFU, peak memory)")
-    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--seed", type=int, default=1337, help="model init and --shuffle")
     args = p.parse_args(argv)
 
     positive = ["batch_size", "seq_len", "total_batch_size", "max_steps", "warmup_steps", "eval_every",
