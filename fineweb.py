@@ -224,6 +224,7 @@ def load_documents(args, skip):
 
 
 def first_line(e):
+    """The first line of an exception's message, for one-line errors (train_gpt2.py uses it too)."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 

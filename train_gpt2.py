@@ -33,16 +33,11 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
+from fineweb import BIN_MAGIC, BIN_VERSION, first_line  # the shard writer's format, and its one-line errors
 
 
 class UserError(Exception):
     """A problem the user can fix (bad flag, missing file); printed as one line, no traceback."""
-
-
-def first_line(e):
-    """The first line of an exception's message, for one-line errors."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def load_hf_gpt2(name_or_path):
@@ -307,7 +302,6 @@ def write_gpt2_tokenizer(out_dir, max_length):
 # Data: token shards written by fineweb.py: build-nanogpt's uint16 .npy, or llm.c's .bin
 
 EOT = 50256  # <|endoftext|>: fineweb.py puts one before every document
-BIN_MAGIC, BIN_VERSION = 20240520, 1
 
 
 def list_shards(data_root, split):
@@ -377,6 +371,7 @@ class DataLoaderLite:
         self.B, self.T = B, T
         self.process_rank, self.num_processes = process_rank, num_processes
         self.vocab_size, self.shuffle, self.seed = vocab_size, shuffle, seed
+        self._loaded = None  # which shard (and, shuffling, which epoch's order of it) self.tokens holds
         need = B * T * num_processes + 1
         self.shards, self.skipped = [], []
         for path in list_shards(data_root, split):  # opening a memmap reads only the header: cheap, fails early
@@ -397,6 +392,11 @@ class DataLoaderLite:
         order = (np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards)) if self.shuffle
                  else range(len(self.shards)))
         self.current_shard = int(order[self.order_index])
+        # the val loader resets at every evaluation: keep the shard in hand rather than read and check it again
+        key = (self.current_shard, self.epoch if self.shuffle else None)
+        if self._loaded == key:
+            return
+        self._loaded = key
         self.tokens = load_tokens(self.shards[self.current_shard], self.vocab_size)
         if self.shuffle:
             self.tokens = shuffle_documents(self.tokens, np.random.default_rng([self.seed, self.epoch,
@@ -989,6 +989,7 @@ def train(args, stop_signals):
     last_save = time.time()
     for step in range(start_step, args.max_steps):
         last_step = step == args.max_steps - 1
+        milestone = step > 0 and (step % args.checkpoint_every == 0 or last_step)  # model_{step}.pt, kept
 
         # --- resume points: every rank takes the same decision, so all stop at the same step
         if step > start_step:
@@ -998,7 +999,6 @@ def train(args, stop_signals):
                 flags = torch.tensor([stop, timed], dtype=torch.float32, device=device)
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX)
                 stop, timed = flags.tolist()
-            milestone = step % args.checkpoint_every == 0 or last_step
             periodic = args.save_every > 0 and step % args.save_every == 0
             path = None
             if master_process and not args.benchmark and (stop or ((periodic or timed) and not milestone)):
@@ -1044,7 +1044,7 @@ def train(args, stop_signals):
                     print(f"sample {i}: {text}")
             model.train()
 
-        if master_process and not args.benchmark and step > 0 and (step % args.checkpoint_every == 0 or last_step):
+        if master_process and not args.benchmark and milestone:
             save("model", step)
             last_save = time.time()
 

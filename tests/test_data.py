@@ -220,3 +220,18 @@ def test_shuffle_is_the_same_on_every_rank_and_across_a_resume(tmp_path):
         assert torch.equal(resumed.next_batch()[0], ranks[0].next_batch()[0])
     other_seed = DataLoaderLite(B, T, 0, W, "train", str(tmp_path), shuffle=True, seed=4)
     assert any(not torch.equal(other_seed.next_batch()[0], resumed.next_batch()[0]) for _ in range(9))
+
+
+def test_reset_keeps_the_shard_in_hand(tmp_path):
+    """The val loader resets at every evaluation: the same shard is not read and checked again."""
+    write_shards(tmp_path, [200], split="val", first_index=0)
+    loader = DataLoaderLite(2, 8, 0, 1, "val", str(tmp_path), vocab_size=50304)
+    tokens = loader.tokens
+    first = loader.next_batch()
+    loader.reset()
+    assert loader.tokens is tokens and all(torch.equal(a, b) for a, b in zip(first, loader.next_batch()))
+    document_shards(tmp_path / "docs", [[5, 9, 3, 16]])
+    shuffled = DataLoaderLite(2, 8, 0, 2, "train", str(tmp_path / "docs"), shuffle=True, seed=1)
+    epoch0 = shuffled.tokens
+    shuffled.next_batch()  # one step per epoch: the next epoch's order is loaded anew
+    assert shuffled.epoch == 1 and shuffled.tokens is not epoch0
