@@ -131,10 +131,51 @@ class Block(nn.Module):
         return x
 
 
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """
+    lm_head and the mean cross-entropy together, `chunk_rows` rows at a time, so the (B*T, vocab)
+    logits (6.6 GB in bf16 at B=64, twice that as the fp32 copy the loss is taken on) never exist
+    whole. Each chunk's gradients are made while its logits are at hand; backward only scales them.
+    Under autocast the matmuls run in its dtype and the softmax in fp32, as with lm_head + F.cross_entropy.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_rows, grad_enabled):
+        n = h.size(0)
+        # needs_input_grad stays True under no_grad (evaluation): only make gradients when they will be used
+        want_h = grad_enabled and ctx.needs_input_grad[0]
+        want_w = grad_enabled and ctx.needs_input_grad[1]
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros_like(weight) if want_w else None
+        for i in range(0, n, chunk_rows):
+            h_chunk, t_chunk = h[i:i + chunk_rows], targets[i:i + chunk_rows]
+            logits = (h_chunk @ weight.t()).float()
+            loss += F.cross_entropy(logits, t_chunk, reduction="sum")
+            if want_h or want_w:
+                # d(mean loss)/d(logits) = (softmax - one_hot(target)) / n
+                g = torch.softmax(logits, dim=-1)
+                g[torch.arange(g.size(0), device=g.device), t_chunk] -= 1.0
+                g /= n
+                if want_h:
+                    grad_h[i:i + chunk_rows] = g @ weight
+                if want_w:
+                    grad_w += g.t() @ h_chunk
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_loss,
+                None if grad_w is None else grad_w * grad_loss, None, None, None)
+
+
 class GPT(nn.Module):
-    def __init__(self, config, attention="sdpa"):
+    def __init__(self, config, attention="sdpa", ce_chunk_rows=0):
         super().__init__()
         self.config = config
+        self.ce_chunk_rows = ce_chunk_rows  # > 0: the loss through ChunkedCrossEntropy, no whole-batch logits
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             wpe=nn.Embedding(config.block_size, config.n_embd),
@@ -171,7 +212,13 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx, targets=None):
-        logits = self.lm_head(self.hidden_states(idx))
+        """(logits, loss); with ce_chunk_rows and targets, (None, loss): the logits are never made whole."""
+        x = self.hidden_states(idx)
+        if targets is not None and self.ce_chunk_rows:
+            loss = ChunkedCrossEntropy.apply(x.view(-1, x.size(-1)), self.lm_head.weight, targets.view(-1),
+                                             self.ce_chunk_rows, torch.is_grad_enabled())
+            return None, loss
+        logits = self.lm_head(x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
@@ -463,6 +510,51 @@ class SyntheticLoader:
         self.generator.set_state(state["generator"])
 
 
+class DevicePrefetcher:
+    """
+    A loader's batches on the device, one batch ahead: while the device works on batch i, batch i+1 is
+    already sliced and (on CUDA, from pinned memory, without blocking) on its way. The position it
+    reports is the loader's before the batch it holds, so a checkpoint resumes with that batch.
+    """
+
+    def __init__(self, loader, device, prefetch=True):
+        self.loader, self.device, self.prefetch = loader, device, prefetch
+        self.pinned = device.startswith("cuda")
+        self._pending = None
+        if prefetch:
+            self._fetch()
+
+    def _fetch(self):
+        self._state = self.loader.state_dict()
+        x, y = self.loader.next_batch()
+        if self.pinned:  # a copy from pinned memory can run while the host goes on
+            x, y = x.pin_memory(), y.pin_memory()
+        self._pending = (x.to(self.device, non_blocking=self.pinned), y.to(self.device, non_blocking=self.pinned))
+
+    def next_batch(self):
+        if self._pending is None:
+            self._fetch()
+        batch, self._pending = self._pending, None
+        if self.prefetch:
+            self._fetch()
+        return batch
+
+    def reset(self):
+        self.loader.reset()
+        self._pending = None
+        if self.prefetch:
+            self._fetch()
+
+    def state_dict(self):
+        return self._state if self._pending is not None else self.loader.state_dict()
+
+    def load_state_dict(self, state):
+        self.loader.load_state_dict(state)
+        self._pending = None
+        if self.prefetch:
+            self._fetch()
+
+
 # -----------------------------------------------------------------------------
 # Optimizer and learning-rate schedule
 
@@ -501,12 +593,12 @@ def get_lr(step, args):
 
 
 @torch.no_grad()
-def estimate_val_loss(model, val_loader, val_steps, device, autocast_ctx):
-    val_loader.reset()  # the same val tokens at every evaluation, so the numbers compare
+def estimate_val_loss(model, val_batches, val_steps, device, autocast_ctx):
+    """Mean loss over val_steps batches of a DevicePrefetcher, from the start of the val split."""
+    val_batches.reset()  # the same val tokens at every evaluation, so the numbers compare
     loss_accum = torch.zeros((), device=device)
     for _ in range(val_steps):
-        x, y = val_loader.next_batch()
-        x, y = x.to(device), y.to(device)
+        x, y = val_batches.next_batch()
         with autocast_ctx:
             _, loss = model(x, y)
         loss_accum += loss.detach() / val_steps
@@ -568,7 +660,7 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path, model, optimizer, step, val_loss, args, train_loader, val_loader):
+def save_checkpoint(path, model, optimizer, step, val_loss, args, train_loader, val_loader, world_size):
     atomic_torch_save({
         "model": model.state_dict(),  # the plain module: no "_orig_mod." or "module." prefixes
         "optimizer": optimizer.state_dict(),
@@ -576,7 +668,7 @@ def save_checkpoint(path, model, optimizer, step, val_loss, args, train_loader, 
         "step": step,
         "val_loss": val_loss,
         "args": vars(args),
-        "world_size": train_loader.num_processes,
+        "world_size": world_size,
         "data": {"train": train_loader.state_dict(), "val": val_loader.state_dict()},
         "rng": rng_state(),
     }, path)
@@ -722,6 +814,67 @@ def device_peak_flops(device_type, override_tflops=None):
     return None
 
 
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+# --sdpa_backend: which torch.backends.cuda switch each choice leaves on (CPU kernels obey flash and math too)
+SDPA_BACKENDS = {"auto": None, "flash": "flash", "cudnn": "cudnn", "efficient": "mem_efficient", "math": "math"}
+
+
+def select_sdpa_backend(name, device_type):
+    """Leave only the chosen kernel enabled for F.scaled_dot_product_attention (auto: torch picks per call)."""
+    if SDPA_BACKENDS[name] is None:
+        return
+    if device_type != "cuda" and name not in ("flash", "math"):
+        raise UserError(f"--sdpa_backend {name} needs a CUDA GPU; on {device_type} use auto, flash or math")
+    for backend in ("flash", "mem_efficient", "math", "cudnn"):
+        getattr(torch.backends.cuda, f"enable_{backend}_sdp")(backend == SDPA_BACKENDS[name])
+
+
+def micro_batch_candidates(total_batch_size, T, world_size):
+    """The micro-batch sizes that divide one process's share of the total batch, largest first."""
+    per_process = total_batch_size // (T * world_size)
+    return [b for b in range(per_process, 0, -1) if total_batch_size % (b * T * world_size) == 0]
+
+
+def out_of_memory(e):
+    """The device refused an allocation: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(e)
+
+
+def largest_micro_batch(model, candidates, T, vocab_size, autocast_ctx, device, reserve_bytes):
+    """
+    -B auto: the first of `candidates` (largest first) for which a forward and backward pass of
+    `model` (compiled, if it is: the memory of the graph that will run) fits on the device next to
+    `reserve_bytes` held back for what training adds later (AdamW's moments, DDP's buckets).
+    Every candidate that does not fit costs one pass (and, compiled, one compilation).
+    """
+    device_type = device.split(":")[0]
+    generator = torch.Generator(device=device).manual_seed(0)  # the global RNG stays untouched
+    reserve = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)
+    try:
+        for B in candidates:
+            x = loss = None
+            try:
+                x = torch.randint(0, vocab_size, (B, T), device=device, generator=generator)
+                with autocast_ctx:
+                    _, loss = model(x, x)
+                loss.backward()
+                synchronize(device_type)
+                return B
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+                if not out_of_memory(e):
+                    raise
+            finally:
+                x = loss = None
+                model.zero_grad(set_to_none=True)
+                if device_type == "cuda":
+                    torch.cuda.empty_cache()
+        raise UserError(f"not even -B {candidates[-1]} fits in {device_type} memory; use a smaller model or -T")
+    finally:
+        del reserve
+        if device_type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def autodetect_device():
     if torch.cuda.is_available():
         return "cuda"
@@ -741,6 +894,15 @@ def synchronize(device_type):
 # Flags
 
 
+def micro_batch_size(value):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {value!r}") from None
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train GPT-2 from scratch; the defaults are the GPT-2 124M recipe.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -752,7 +914,8 @@ def parse_args(argv=None):
     g.add_argument("--shuffle", action="store_true",
                    help="each epoch: shards and the documents in them in a seeded random order (changes the math)")
     g = p.add_argument_group("batch")
-    g.add_argument("-B", "--batch_size", type=int, default=64, help="micro-batch size per process")
+    g.add_argument("-B", "--batch_size", type=micro_batch_size, default=64,
+                   help="micro-batch size per process, or auto: the largest that fits in GPU memory (CUDA)")
     g.add_argument("-T", "--seq_len", type=int, default=1024, help="sequence length")
     g.add_argument("--total_batch_size", type=int, default=524288, help="tokens per optimizer step (2**19)")
     g = p.add_argument_group("optimization")
@@ -794,12 +957,20 @@ def parse_args(argv=None):
                    help="autocast dtype (default: bf16 on CUDA GPUs that support it, else fp32)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA)")
+    g.add_argument("--compile_mode", default="default", choices=COMPILE_MODES, help="torch.compile's mode")
     g.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU, if not in the table")
     g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on CUDA")
     g.add_argument("--fused_adamw", action=argparse.BooleanOptionalAction, default=None,
                    help="the fused AdamW kernel (default: on for CUDA)")
     g.add_argument("--attention", choices=["sdpa", "manual"], default="sdpa",
                    help="sdpa: flash attention; manual: the (T, T) matrix written out (same math)")
+    g.add_argument("--sdpa_backend", choices=list(SDPA_BACKENDS), default="auto",
+                   help="the kernel behind scaled_dot_product_attention (auto: torch's choice; cudnn, efficient: "
+                        "CUDA only)")
+    g.add_argument("--chunked_ce", type=int, default=0, metavar="ROWS",
+                   help="lm_head + loss ROWS rows at a time, never the whole batch's logits (0: off; same math)")
+    g.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
+                   help="load the next batch (pinned, non-blocking on CUDA) while the device works")
     g = p.add_argument_group("benchmarking")
     g.add_argument("--synthetic", action="store_true", help="random tokens instead of --data_dir's shards")
     g.add_argument("--benchmark", action="store_true",
@@ -808,11 +979,15 @@ def parse_args(argv=None):
     g.add_argument("--seed", type=int, default=1337, help="model init and --shuffle")
     args = p.parse_args(argv)
 
-    positive = ["batch_size", "seq_len", "total_batch_size", "max_steps", "warmup_steps", "eval_every",
+    positive = ["seq_len", "total_batch_size", "max_steps", "warmup_steps", "eval_every",
                 "val_steps", "checkpoint_every", "n_layer", "n_head", "n_embd", "block_size", "vocab_size"]
+    if args.batch_size != "auto":
+        positive.append("batch_size")
     for name in positive:
         if getattr(args, name) <= 0:
             p.error(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.chunked_ce < 0:
+        p.error("--chunked_ce must be >= 0")
     if args.seq_len > args.block_size:
         p.error(f"-T/--seq_len {args.seq_len} is longer than --block_size {args.block_size}")
     if args.warmup_steps >= args.max_steps:
@@ -887,21 +1062,33 @@ def train(args, stop_signals):
     autocast_ctx = (torch.autocast(device_type=device_type, dtype=torch.bfloat16) if dtype == "bf16"
                     else contextlib.nullcontext())
 
-    B, T = args.batch_size, args.seq_len
-    tokens_per_micro_step = B * T * ddp_world_size
-    if args.total_batch_size % tokens_per_micro_step != 0:
-        raise UserError(f"--total_batch_size {args.total_batch_size} is not a multiple of B*T*processes = "
-                        f"{B}*{T}*{ddp_world_size} = {tokens_per_micro_step}; change -B, -T or --total_batch_size")
-    grad_accum_steps = args.total_batch_size // tokens_per_micro_step
+    select_sdpa_backend(args.sdpa_backend, device_type)
+
+    T = args.seq_len
+    if args.batch_size == "auto":
+        if device_type != "cuda":
+            raise UserError(f"-B auto measures GPU memory, and this run is on {device_type}; pass a number, e.g. -B 8")
+        candidates = micro_batch_candidates(args.total_batch_size, T, ddp_world_size)
+        if not candidates:
+            raise UserError(f"--total_batch_size {args.total_batch_size} is not a multiple of T*processes = "
+                            f"{T}*{ddp_world_size}; change -T or --total_batch_size")
+    else:
+        candidates = [args.batch_size]
+        if args.total_batch_size % (args.batch_size * T * ddp_world_size) != 0:
+            raise UserError(f"--total_batch_size {args.total_batch_size} is not a multiple of B*T*processes = "
+                            f"{args.batch_size}*{T}*{ddp_world_size} = {args.batch_size * T * ddp_world_size}; "
+                            "change -B, -T or --total_batch_size")
+
+    def make_loaders(B):
+        if args.synthetic:
+            return (SyntheticLoader(B, T, ddp_rank, ddp_world_size, "train", args.seed),
+                    SyntheticLoader(B, T, ddp_rank, ddp_world_size, "val", args.seed))
+        return (DataLoaderLite(B, T, ddp_rank, ddp_world_size, "train", args.data_dir, args.vocab_size,
+                               shuffle=args.shuffle, seed=args.seed),
+                DataLoaderLite(B, T, ddp_rank, ddp_world_size, "val", args.data_dir, args.vocab_size))
 
     # check everything the user supplied before the (slow) process group and model start
-    if args.synthetic:
-        train_loader = SyntheticLoader(B, T, ddp_rank, ddp_world_size, "train", args.seed)
-        val_loader = SyntheticLoader(B, T, ddp_rank, ddp_world_size, "val", args.seed)
-    else:
-        train_loader = DataLoaderLite(B, T, ddp_rank, ddp_world_size, "train", args.data_dir, args.vocab_size,
-                                      shuffle=args.shuffle, seed=args.seed)
-        val_loader = DataLoaderLite(B, T, ddp_rank, ddp_world_size, "val", args.data_dir, args.vocab_size)
+    train_loader, val_loader = make_loaders(candidates[-1])
     enc = None
     try:
         if args.sample or args.hellaswag:
@@ -934,18 +1121,35 @@ def train(args, stop_signals):
         # TF32 matmuls (10-bit mantissa inputs, fp32 accumulation); CPU matmuls stay full fp32
         torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
 
-    raw_model = GPT(config, args.attention).to(device)  # the plain module: evaluated, sampled and saved
+    # the plain module: evaluated, sampled and saved
+    raw_model = GPT(config, args.attention, ce_chunk_rows=args.chunked_ce).to(device)
     optimizer = configure_optimizers(raw_model, args.weight_decay, args.max_lr, device_type, args.fused_adamw)
+    model = torch.compile(raw_model, mode=args.compile_mode) if use_compile else raw_model
+    if args.batch_size == "auto":
+        # held back for AdamW's two moments, and DDP's gradient buckets, which come after the probe
+        param_bytes = sum(p.numel() * p.element_size() for p in raw_model.parameters())
+        B = largest_micro_batch(model, candidates, T, config.vocab_size, autocast_ctx, device,
+                                (2 + ddp) * param_bytes)
+        if ddp:  # every rank must take the same micro-batch: the smallest any of them found
+            found = torch.tensor(B, device=device)
+            dist.all_reduce(found, op=dist.ReduceOp.MIN)
+            B = int(found.item())
+        args.batch_size = B  # what checkpoints record
+        train_loader, val_loader = make_loaders(B)
+    B = args.batch_size
+    grad_accum_steps = args.total_batch_size // (B * T * ddp_world_size)
+    # the loop reads batches through these: on the device, the next one already on its way
+    train_batches = DevicePrefetcher(train_loader, device, args.prefetch)
+    val_batches = DevicePrefetcher(val_loader, device, args.prefetch)
     val_loss = None
     if ckpt:
         raw_model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])  # moves the moments to the parameters' device
-        train_loader.load_state_dict(ckpt["data"]["train"])
-        val_loader.load_state_dict(ckpt["data"]["val"])
+        train_batches.load_state_dict(ckpt["data"]["train"])
+        val_batches.load_state_dict(ckpt["data"]["val"])
         set_rng_state(ckpt["rng"])
         val_loss = ckpt["val_loss"]
         del ckpt  # the CPU copy of the weights and moments is no longer needed
-    model = torch.compile(raw_model) if use_compile else raw_model
     if ddp:
         model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
     # HellaSwag batches vary in shape: a compiled graph of its own, with dynamic shapes, on the same weights
@@ -957,8 +1161,10 @@ def train(args, stop_signals):
     if master_process:
         n_decay = sum(p.numel() for p in optimizer.param_groups[0]["params"])
         n_nodecay = sum(p.numel() for p in optimizer.param_groups[1]["params"])
-        print(f"device {device} | dtype {dtype} | compile {use_compile} | processes {ddp_world_size} | attention "
-              f"{args.attention} | fused AdamW {optimizer.defaults.get('fused') or False}")
+        print(f"device {device} | dtype {dtype} | compile {use_compile}"
+              + (f" ({args.compile_mode})" if use_compile else "") + f" | processes {ddp_world_size} | attention "
+              f"{args.attention} ({args.sdpa_backend}) | fused AdamW {optimizer.defaults.get('fused') or False} | "
+              f"chunked CE {args.chunked_ce or 'off'} | prefetch {args.prefetch}")
         print(f"model: {raw_model.num_params(non_embedding=False):,} parameters "
               f"({n_decay:,} decayed, {n_nodecay:,} not)")
         print(f"total batch {args.total_batch_size:,} tokens = {B} x {T} x {ddp_world_size} processes "
@@ -981,24 +1187,19 @@ def train(args, stop_signals):
 
     def save(name, step):
         path = os.path.join(args.log_dir, f"{name}_{step:05d}.pt")
-        save_checkpoint(path, raw_model, optimizer, step, val_loss, args, train_loader, val_loader)
+        save_checkpoint(path, raw_model, optimizer, step, val_loss, args, train_batches, val_batches, ddp_world_size)
         print(f"saved {path}")
         return path
 
     step_times = []
     last_save = time.time()
+    stop = timed = False  # a stop signal, a timed save: requested during the step before, agreed by all ranks
     for step in range(start_step, args.max_steps):
         last_step = step == args.max_steps - 1
         milestone = step > 0 and (step % args.checkpoint_every == 0 or last_step)  # model_{step}.pt, kept
 
         # --- resume points: every rank takes the same decision, so all stop at the same step
         if step > start_step:
-            stop = len(stop_signals) > 0
-            timed = master_process and 0 < args.save_every_minutes * 60 <= time.time() - last_save
-            if ddp:  # one rank's signal or clock stops or saves them all (one process needs no device sync)
-                flags = torch.tensor([stop, timed], dtype=torch.float32, device=device)
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                stop, timed = flags.tolist()
             periodic = args.save_every > 0 and step % args.save_every == 0
             path = None
             if master_process and not args.benchmark and (stop or ((periodic or timed) and not milestone)):
@@ -1018,7 +1219,7 @@ def train(args, stop_signals):
         # --- evaluate: at step 0, every eval_every steps and at the last step (before its update)
         if not args.benchmark and (step % args.eval_every == 0 or last_step):
             model.eval()
-            val_loss_t = estimate_val_loss(model, val_loader, args.val_steps, device, autocast_ctx)
+            val_loss_t = estimate_val_loss(model, val_batches, args.val_steps, device, autocast_ctx)
             if ddp:
                 dist.all_reduce(val_loss_t, op=dist.ReduceOp.AVG)
             val_loss = val_loss_t.item()
@@ -1053,8 +1254,7 @@ def train(args, stop_signals):
         optimizer.zero_grad(set_to_none=True)
         loss_accum = torch.zeros((), device=device)
         for micro_step in range(grad_accum_steps):
-            x, y = train_loader.next_batch()
-            x, y = x.to(device), y.to(device)
+            x, y = train_batches.next_batch()
             # DDP all-reduces gradients only on the last micro-step; the others just accumulate locally
             sync = not ddp or micro_step == grad_accum_steps - 1
             with (contextlib.nullcontext() if sync else model.no_sync()):
@@ -1064,13 +1264,26 @@ def train(args, stop_signals):
                 loss = loss / grad_accum_steps
                 loss_accum += loss.detach()
                 loss.backward()
-        if ddp:
-            dist.all_reduce(loss_accum, op=dist.ReduceOp.AVG)
         norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), args.grad_clip)
         lr = get_lr(step, args)
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
         optimizer.step()
+        # the step's one host sync is the log line; under DDP one all-reduce, just before it, carries the
+        # loss and every rank's stop and save requests, so all ranks act on them at the top of the next step
+        stop = len(stop_signals) > 0
+        timed = master_process and 0 < args.save_every_minutes * 60 <= time.time() - last_save
+        if ddp:
+            shared = torch.zeros(3, device=device)  # filled on the device: no host-to-device copy to wait on
+            shared[0] = loss_accum / ddp_world_size
+            if stop:
+                shared[1] = 1.0
+            if timed:
+                shared[2] = 1.0
+            dist.all_reduce(shared, op=dist.ReduceOp.SUM)
+            loss_value, stop, timed = shared.tolist()
+        else:
+            loss_value = loss_accum.item()
         synchronize(device_type)
         dt = time.time() - t0
         step_times.append(dt)
@@ -1078,9 +1291,9 @@ def train(args, stop_signals):
             tokens_per_sec = args.total_batch_size / dt
             mfu = "" if peak_flops is None else \
                 f" | mfu {100 * flops_per_token * tokens_per_sec / (peak_flops * ddp_world_size):.2f}%"
-            print(f"step {step:5d} | loss {loss_accum.item():.6f} | lr {lr:.4e} | norm {norm.item():.4f} | "
+            print(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm.item():.4f} | "
                   f"dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f}{mfu}")
-            log(f"{step} train {loss_accum.item():.6f}")
+            log(f"{step} train {loss_value:.6f}")
 
     if master_process and args.benchmark:
         print_benchmark(args, step_times, flops_per_token, peak_flops, ddp_world_size, device_type)

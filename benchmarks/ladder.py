@@ -1,7 +1,9 @@
 """
 The speed ladder of build-nanogpt's lecture, one rung at a time, each rung adding one change to the
-one before it (fp32 -> TF32 -> bf16 -> compile -> flash attention -> vocab 50304 -> fused AdamW),
-every rung a fresh `train_gpt2.py --benchmark` process. Prints one table.
+one before it (fp32 -> TF32 -> bf16 -> compile -> flash attention -> vocab 50304 -> fused AdamW: that
+last rung is build-nanogpt's own configuration), then the rungs past it (batches prefetched through
+pinned memory, the loss in chunks, the cuDNN attention kernel, compile's max-autotune), every rung a
+fresh `train_gpt2.py --benchmark` process. Prints one table, and the last rung against build-nanogpt's.
 
     python benchmarks/ladder.py                                  # GPT-2 124M, B=16, T=1024 (the lecture's)
     python benchmarks/ladder.py --size tiny --device cpu --steps 4   # a smoke run on a laptop
@@ -20,16 +22,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {"124M": ["--n_layer", "12", "--n_head", "12", "--n_embd", "768", "--block_size", "1024"],
          "tiny": ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64"]}
 
-# (name, flags); each rung keeps the flags of the ones before it
+# (name, flags, CUDA only); each rung keeps the flags of the ones before it. "{chunk}" is an eighth of B*T rows.
+BUILD_NANOGPT = "+ fused AdamW"  # the rung that is build-nanogpt's train_gpt2.py
 RUNGS = [
     ("fp32", ["--dtype", "fp32", "--no-tf32", "--no-compile", "--attention", "manual", "--vocab_size", "50257",
-              "--no-fused_adamw"]),
-    ("+ TF32", ["--tf32"]),
-    ("+ bf16 autocast", ["--dtype", "bf16"]),
-    ("+ torch.compile", ["--compile"]),
-    ("+ flash attention (SDPA)", ["--attention", "sdpa"]),
-    ("+ vocab 50304", ["--vocab_size", "50304"]),
-    ("+ fused AdamW", ["--fused_adamw"]),
+              "--no-fused_adamw", "--no-prefetch"], False),
+    ("+ TF32", ["--tf32"], False),
+    ("+ bf16 autocast", ["--dtype", "bf16"], False),
+    ("+ torch.compile", ["--compile"], False),
+    ("+ flash attention (SDPA)", ["--attention", "sdpa"], False),
+    ("+ vocab 50304", ["--vocab_size", "50304"], False),
+    (BUILD_NANOGPT, ["--fused_adamw"], False),
+    ("+ prefetch, pinned copies", ["--prefetch"], False),
+    ("+ chunked cross-entropy", ["--chunked_ce", "{chunk}"], False),
+    ("+ cuDNN attention", ["--sdpa_backend", "cudnn"], True),
+    ("+ compile max-autotune", ["--compile_mode", "max-autotune-no-cudagraphs"], True),
 ]
 
 
@@ -67,17 +74,26 @@ def main(argv=None):
     header = f"| {'rung':26s} | {'ms/step':>9s} | {'tok/s':>10s} | {'MFU':>7s} | {'peak mem':>9s} | {'speed-up':>8s} |"
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    flags, first = [], None
-    for rung, extra in RUNGS:
-        flags = flags + extra
+    flags, first, ms = [], None, {}
+    chunk = str(max(1, args.batch_size * args.seq_len // 8))
+    for rung, extra, cuda_only in RUNGS:
+        flags = flags + [chunk if f == "{chunk}" else f for f in extra]
+        if cuda_only and not device.startswith("cuda"):
+            print(f"| {rung:26s} | skipped: CUDA only")
+            continue
         r = run_rung(flags, args)
         if "error" in r:
             print(f"| {rung:26s} | failed: {r['error'][:80]}")
             continue
         first = first or r["ms_per_step"]
+        ms[rung] = r["ms_per_step"]
         mfu = "n/a" if r["mfu"] is None else f"{r['mfu']:.1f}%"
         print(f"| {rung:26s} | {r['ms_per_step']:9.1f} | {r['tokens_per_sec']:10,} | {mfu:>7s} | "
               f"{r['peak_memory_gib']:7.2f}Gi | {first / r['ms_per_step']:7.2f}x |", flush=True)
+    if BUILD_NANOGPT in ms and len(ms) > 1:
+        last = list(ms)[-1]
+        print(f"\n{last!r} against build-nanogpt's configuration ({BUILD_NANOGPT!r}): "
+              f"{ms[BUILD_NANOGPT] / ms[last]:.2f}x")
 
 
 if __name__ == "__main__":

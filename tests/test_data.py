@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import write_shards
 
-from train_gpt2 import EOT, DataLoaderLite, UserError
+from train_gpt2 import EOT, DataLoaderLite, DevicePrefetcher, UserError
 
 
 def build_nanogpt_stream(shards, B, T, steps):
@@ -235,3 +235,25 @@ def test_reset_keeps_the_shard_in_hand(tmp_path):
     epoch0 = shuffled.tokens
     shuffled.next_batch()  # one step per epoch: the next epoch's order is loaded anew
     assert shuffled.epoch == 1 and shuffled.tokens is not epoch0
+
+
+def test_prefetcher_hands_out_the_same_batches_and_resumes_at_the_one_it_holds(tmp_path):
+    """One batch ahead, but its position is the loader's before that batch: a checkpoint taken between two
+    batches resumes with the next one the run would have used, across shard ends."""
+    write_shards(tmp_path, [100, 57, 33])
+    plain = DataLoaderLite(2, 8, 0, 1, "train", str(tmp_path))
+    ahead = DevicePrefetcher(DataLoaderLite(2, 8, 0, 1, "train", str(tmp_path)), "cpu")
+    for i in range(14):
+        expected = plain.state_dict(), plain.next_batch()
+        if i in (3, 6, 9):  # in the first, second and third shard
+            assert ahead.state_dict() == expected[0]
+            resumed = DevicePrefetcher(DataLoaderLite(2, 8, 0, 1, "train", str(tmp_path)), "cpu")
+            resumed.load_state_dict(ahead.state_dict())
+            assert all(torch.equal(a, b) for a, b in zip(resumed.next_batch(), expected[1]))
+        assert all(torch.equal(a, b) for a, b in zip(ahead.next_batch(), expected[1])), i
+    ahead.reset()
+    plain.reset()
+    assert all(torch.equal(a, b) for a, b in zip(ahead.next_batch(), plain.next_batch()))
+    off = DevicePrefetcher(DataLoaderLite(2, 8, 0, 1, "train", str(tmp_path)), "cpu", prefetch=False)
+    assert off.state_dict() == DataLoaderLite(2, 8, 0, 1, "train", str(tmp_path)).state_dict()
+    assert torch.equal(off.next_batch()[0], DataLoaderLite(2, 8, 0, 1, "train", str(tmp_path)).next_batch()[0])

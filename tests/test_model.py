@@ -5,7 +5,10 @@ import math
 import pytest
 import torch
 
-from train_gpt2 import GPT, GPTConfig, UserError, configure_optimizers, get_lr, parse_args
+import contextlib
+
+from train_gpt2 import (GPT, GPTConfig, UserError, configure_optimizers, get_lr, largest_micro_batch,
+                        micro_batch_candidates, parse_args)
 
 TINY = GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=16)
 
@@ -144,3 +147,61 @@ def test_defaults_are_the_gpt2_124m_recipe():
     assert (a.weight_decay, a.grad_clip, a.eval_every, a.val_steps, a.checkpoint_every) == (0.1, 1.0, 250, 20, 5000)
     assert (a.n_layer, a.n_head, a.n_embd, a.block_size, a.vocab_size) == (12, 12, 768, 1024, 50304)
     assert a.seed == 1337 and a.hellaswag and a.data_dir == "edu_fineweb10B" and a.log_dir == "log"
+    # speed switches that change nothing in the math, or are not measured yet, keep torch's behaviour
+    assert (a.chunked_ce, a.sdpa_backend, a.compile_mode, a.prefetch) == (0, "auto", "default", True)
+
+
+def gradients(model, idx, targets, autocast):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext():
+        logits, loss = model(idx, targets)
+    (loss / 3).backward()  # a scaled loss, as gradient accumulation makes it
+    return logits, loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 37, 128, 1000])  # one row, ragged chunks, exact chunks, one chunk
+def test_chunked_cross_entropy_equals_the_whole_batch_loss(chunk_rows):
+    torch.manual_seed(0)
+    plain = GPT(TINY)
+    chunked = GPT(TINY, ce_chunk_rows=chunk_rows)
+    chunked.load_state_dict(plain.state_dict())
+    idx, targets = torch.randint(0, 101, (4, 32)), torch.randint(0, 101, (4, 32))
+    _, loss, grads = gradients(plain, idx, targets, autocast=False)
+    logits, chunked_loss, chunked_grads = gradients(chunked, idx, targets, autocast=False)
+    assert logits is None  # the whole-batch logits are never made
+    assert chunked_loss.item() == pytest.approx(loss.item(), abs=1e-6)
+    for name, g in grads.items():
+        assert torch.allclose(chunked_grads[name], g, atol=1e-7, rtol=1e-5), name
+    assert grads["transformer.wte.weight"].abs().max() > 1e-3  # = lm_head.weight: not zeros compared
+
+    # under bf16 autocast: the same up to bf16 rounding; without gradients: the same loss, no gradients made
+    _, loss, grads = gradients(plain, idx, targets, autocast=True)
+    _, chunked_loss, chunked_grads = gradients(chunked, idx, targets, autocast=True)
+    assert chunked_loss.item() == pytest.approx(loss.item(), abs=1e-3)
+    for name, g in grads.items():
+        # a few bf16 ulps (2**-8) of the largest entry: the loss scale is applied after the bf16 matmuls here
+        assert torch.allclose(chunked_grads[name], g, atol=2e-2 * g.abs().max().item()), name
+    with torch.no_grad():
+        assert chunked(idx, targets)[1].item() == pytest.approx(plain(idx, targets)[1].item(), abs=1e-6)
+
+
+def test_micro_batch_candidates_divide_the_batch():
+    assert micro_batch_candidates(524288, 1024, 1) == [512, 256, 128, 64, 32, 16, 8, 4, 2, 1]
+    assert micro_batch_candidates(524288, 1024, 8) == [64, 32, 16, 8, 4, 2, 1]
+    assert micro_batch_candidates(6 * 64, 32, 2) == [6, 3, 2, 1]
+    assert micro_batch_candidates(524288, 1024, 3) == []  # no micro-batch makes 2**19 with 3 processes
+
+
+def test_largest_micro_batch_skips_what_the_device_refuses():
+    """A micro-batch whose allocations the device refuses (here 2**40 tokens on the CPU) is passed over;
+    probing leaves the weights, the gradients and the global RNG as they were."""
+    torch.manual_seed(0)
+    model = GPT(TINY)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    B = largest_micro_batch(model, [2 ** 35, 8, 4], 32, 101, contextlib.nullcontext(), "cpu", reserve_bytes=1024)
+    assert B == 8
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in weights.items())
+    assert all(p.grad is None for p in model.parameters()) and torch.equal(rng, torch.get_rng_state())
+    with pytest.raises(UserError, match=f"not even -B {2 ** 35} fits in cpu memory"):
+        largest_micro_batch(model, [2 ** 35], 32, 101, contextlib.nullcontext(), "cpu", reserve_bytes=1024)

@@ -31,17 +31,33 @@ def test_benchmark_mode_summarises_and_writes_nothing(tmp_path):
     assert len(losses(proc.stdout)) == 6
 
 
-@pytest.mark.parametrize("variant", [["--attention", "manual"], ["--fused_adamw"]])
-def test_same_math_gives_the_same_loss_curve(variant, shakespeare_shards, tmp_path):
-    """Written-out attention and the fused AdamW kernel are speed choices: on real text the losses must not move."""
-    common = ["--data_dir", shakespeare_shards, *TINY_MODEL, "-B", 4, "-T", 64, "--total_batch_size", 512,
-              "--max_steps", 12, "--warmup_steps", 2, "--max_lr", 3e-3, "--eval_every", 6, "--val_steps", 2,
-              "--no-hellaswag", "--no-sample"]
-    base = run_script("train_gpt2.py", *common, "--log_dir", tmp_path / "base")
-    other = run_script("train_gpt2.py", *common, "--log_dir", tmp_path / "other", *variant)
-    assert base.returncode == other.returncode == 0, other.stderr[-3000:]
-    assert ("attention manual" in other.stdout) or ("fused AdamW True" in other.stdout)
-    a, b = read_log(tmp_path / "base" / "log.txt"), read_log(tmp_path / "other" / "log.txt")
+def same_math_run(data_dir, log_dir, *variant):
+    proc = run_script("train_gpt2.py", "--data_dir", data_dir, "--log_dir", log_dir, *TINY_MODEL, "-B", 4, "-T", 64,
+                      "--total_batch_size", 512, "--max_steps", 12, "--warmup_steps", 2, "--max_lr", 3e-3,
+                      "--eval_every", 6, "--val_steps", 2, "--no-hellaswag", "--no-sample", *variant)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, read_log(os.path.join(log_dir, "log.txt"))
+
+
+@pytest.fixture(scope="module")
+def base_run(shakespeare_shards, tmp_path_factory):
+    """The defaults on CPU: SDPA (its flash kernel), per-tensor AdamW, whole-batch loss, prefetching."""
+    return same_math_run(shakespeare_shards, str(tmp_path_factory.mktemp("base") / "log"))
+
+
+@pytest.mark.parametrize("variant, banner", [
+    (["--attention", "manual"], "attention manual"),
+    (["--fused_adamw"], "fused AdamW True"),
+    (["--chunked_ce", 100], "chunked CE 100"),  # 256-row micro-batches: chunks of 100, 100, 56
+    (["--sdpa_backend", "math"], "attention sdpa (math)"),
+    (["--no-prefetch"], "prefetch False"),
+])
+def test_same_math_gives_the_same_loss_curve(variant, banner, base_run, shakespeare_shards, tmp_path):
+    """Speed choices (written-out attention, fused AdamW, the loss in chunks, another attention kernel, no
+    prefetching): on real text the train and val losses must not move."""
+    stdout, b = same_math_run(shakespeare_shards, str(tmp_path / "log"), *map(str, variant))
+    assert banner in stdout
+    a = base_run[1]
     assert a["train"][11] < a["train"][0] - 1.0  # it learns
     for kind in ("train", "val"):
         assert sorted(a[kind]) == sorted(b[kind])
@@ -56,9 +72,14 @@ def test_ladder_runs_every_rung():
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "rung" not in line]
     names = [row.split("|")[1].strip() for row in rows]
     assert names == ["fp32", "+ TF32", "+ bf16 autocast", "+ torch.compile", "+ flash attention (SDPA)",
-                     "+ vocab 50304", "+ fused AdamW"]
-    for row in rows:
+                     "+ vocab 50304", "+ fused AdamW", "+ prefetch, pinned copies", "+ chunked cross-entropy",
+                     "+ cuDNN attention", "+ compile max-autotune"]
+    for row in rows[:-2]:
         cells = [c.strip() for c in row.split("|")[1:-1]]
         assert len(cells) == 6 and "failed" not in row, row
         assert float(cells[1]) > 0 and int(cells[2].replace(",", "")) > 0 and cells[5].endswith("x")
     assert rows[0].split("|")[6].strip() == "1.00x"
+    for row in rows[-2:]:  # the kernels CPUs do not have
+        assert row.endswith("| skipped: CUDA only"), row
+    assert re.search(r"^'\+ chunked cross-entropy' against build-nanogpt's configuration \('\+ fused AdamW'\): "
+                     r"[\d.]+x$", proc.stdout, flags=re.M)
