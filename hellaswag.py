@@ -265,6 +265,7 @@ def main(argv=None):
         counts = torch.tensor([r.correct_norm, r.correct, r.total], device=device)
         if world_size > 1:
             dist.all_reduce(counts)
+            dist.barrier()  # tear down together, as train_gpt2.py does
             dist.destroy_process_group()
     except (HellaSwagError, UserError) as e:
         sys.exit(f"hellaswag.py: error: {e}")

@@ -1298,6 +1298,7 @@ def train(args, stop_signals):
     if master_process and args.benchmark:
         print_benchmark(args, step_times, flops_per_token, peak_flops, ddp_world_size, device_type)
     if ddp:
+        dist.barrier()  # tear down together: no rank closes its connections while another still uses them
         dist.destroy_process_group()
     return 0
 
