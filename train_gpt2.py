@@ -1087,7 +1087,8 @@ def train(args, stop_signals):
                                shuffle=args.shuffle, seed=args.seed),
                 DataLoaderLite(B, T, ddp_rank, ddp_world_size, "val", args.data_dir, args.vocab_size))
 
-    # check everything the user supplied before the (slow) process group and model start
+    # check everything the user supplied before the (slow) process group and model start; with -B auto,
+    # at the smallest candidate, and made again once the micro-batch is known
     train_loader, val_loader = make_loaders(candidates[-1])
     enc = None
     try:
