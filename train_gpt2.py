@@ -520,8 +520,12 @@ class DevicePrefetcher:
     def __init__(self, loader, device, prefetch=True):
         self.loader, self.device, self.prefetch = loader, device, prefetch
         self.pinned = device.startswith("cuda")
+        self._refill()
+
+    def _refill(self):
+        """Drop the batch in hand (the loader has moved) and, prefetching, take the next one."""
         self._pending = None
-        if prefetch:
+        if self.prefetch:
             self._fetch()
 
     def _fetch(self):
@@ -532,27 +536,22 @@ class DevicePrefetcher:
         self._pending = (x.to(self.device, non_blocking=self.pinned), y.to(self.device, non_blocking=self.pinned))
 
     def next_batch(self):
-        if self._pending is None:
+        if self._pending is None:  # not prefetching: fetch on demand
             self._fetch()
-        batch, self._pending = self._pending, None
-        if self.prefetch:
-            self._fetch()
+        batch = self._pending
+        self._refill()
         return batch
 
     def reset(self):
         self.loader.reset()
-        self._pending = None
-        if self.prefetch:
-            self._fetch()
+        self._refill()
 
     def state_dict(self):
         return self._state if self._pending is not None else self.loader.state_dict()
 
     def load_state_dict(self, state):
         self.loader.load_state_dict(state)
-        self._pending = None
-        if self.prefetch:
-            self._fetch()
+        self._refill()
 
 
 # -----------------------------------------------------------------------------
@@ -852,7 +851,6 @@ def largest_micro_batch(model, candidates, T, vocab_size, autocast_ctx, device, 
     reserve = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)
     try:
         for B in candidates:
-            x = loss = None
             try:
                 x = torch.randint(0, vocab_size, (B, T), device=device, generator=generator)
                 with autocast_ctx:
