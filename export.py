@@ -20,14 +20,18 @@ def main(argv=None):
     p.add_argument("out_dir", help="the directory to write (must not exist yet, or be empty)")
     args = p.parse_args(argv)
 
-    from train_gpt2 import UserError, load_model_checkpoint
+    from common import UserError
+    from hf_convert import export_to_transformers
+    from train_gpt2 import GPT
 
     if os.path.isdir(args.out_dir) and os.listdir(args.out_dir):
         sys.exit(f"export.py: error: {args.out_dir} is not empty; pass a new directory")
+    if not os.path.isfile(args.checkpoint):
+        sys.exit(f"export.py: error: checkpoint {args.checkpoint} does not exist")
     try:
-        model = load_model_checkpoint(args.checkpoint)
+        model = GPT.from_pretrained(args.checkpoint)
         os.makedirs(args.out_dir, exist_ok=True)
-        model.save_pretrained(args.out_dir)
+        export_to_transformers(model, args.out_dir)
     except UserError as e:
         sys.exit(f"export.py: error: {e}")
     print(f"wrote {args.out_dir}: GPT-2 with {model.config.n_layer} layers, {model.config.n_embd} wide, "

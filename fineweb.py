@@ -176,14 +176,14 @@ def local_files(path):
 
 def fetch_shakespeare(out_dir):
     """Tiny Shakespeare (1.1 MB, one document), downloaded once into out_dir/input.txt."""
-    from hellaswag import HellaSwagError, download_file
+    from common import UserError, download_file  # imported where used: this file loads on its own
 
     path = os.path.join(out_dir, "input.txt")
     if not os.path.exists(path):
         os.makedirs(out_dir, exist_ok=True)
         try:
             download_file(SHAKESPEARE_URL, path)
-        except HellaSwagError as e:
+        except UserError as e:
             raise DataError(str(e)) from None
     return path
 
@@ -191,6 +191,8 @@ def fetch_shakespeare(out_dir):
 def load_documents(args, skip):
     """The dataset (after its first `skip` documents) as an iterator of texts, and a short description."""
     import datasets
+
+    from common import first_line
 
     datasets.logging.set_verbosity_error()
     source = fetch_shakespeare(args.out_dir) if args.dataset == "shakespeare" else args.dataset
@@ -221,12 +223,6 @@ def load_documents(args, skip):
         ds = ds.skip(skip)
     print(f"{what}: {'streaming' if args.streaming else f'{len(ds) + skip:,} documents'}")
     return (text for batch in ds.iter(batch_size=1024) for text in batch[args.text_column]), what
-
-
-def first_line(e):
-    """The first line of an exception's message, for one-line errors (train_gpt2.py uses it too)."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 # -----------------------------------------------------------------------------

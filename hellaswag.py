@@ -20,7 +20,6 @@ import sys
 import time
 from collections import namedtuple
 
-import requests
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
@@ -32,48 +31,15 @@ URLS = {
 }
 
 
-class HellaSwagError(Exception):
-    """The data could not be had; the message says where to put it."""
-
-
-@functools.lru_cache(maxsize=None)
-def get_encoder():
-    """GPT-2's BPE through tiktoken, loaded on first use (it may need the network once)."""
-    import tiktoken
-
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # tiktoken raises plain requests/OS errors when its files cannot be fetched
-        raise HellaSwagError(f"could not load the GPT-2 tokenizer with tiktoken ({type(e).__name__}); connect "
-                             "once to cache it, or set TIKTOKEN_CACHE_DIR to a folder holding its files") from None
-
-
 def default_cache_dir():
     return os.environ.get("HELLASWAG_CACHE_DIR") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                                  "hellaswag")
 
 
-def download_file(url, path, chunk_size=1 << 20):
-    """Stream `url` into a temporary file next to `path`, then rename: `path` is complete or absent."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with requests.get(url, stream=True, timeout=30) as resp:
-            resp.raise_for_status()
-            total = int(resp.headers.get("content-length", 0)) or None
-            with open(tmp, "wb") as f, tqdm(total=total, unit="iB", unit_scale=True, desc=os.path.basename(path)) as bar:
-                for chunk in resp.iter_content(chunk_size=chunk_size):
-                    bar.update(f.write(chunk))
-        os.replace(tmp, path)
-    except requests.RequestException as e:
-        raise HellaSwagError(f"could not download {url} ({type(e).__name__}); fetch it yourself and place it "
-                             f"at {path}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def download(split, cache_dir=None):
     """Download one split of HellaSwag (once) and return the path of its .jsonl."""
+    from common import download_file  # imported where used: this file loads without the repo's other modules
+
     cache_dir = cache_dir or default_cache_dir()
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, f"hellaswag_{split}.jsonl")
@@ -95,6 +61,8 @@ def render_example(example):
     Returns (data, tokens, mask, label): tokens (4, max_len) holds context + ending for each
     candidate, zero-padded on the right; mask is 1 on the ending tokens, the ones scored.
     """
+    from common import get_encoder
+
     enc = get_encoder()
     ctx_tokens = enc.encode(example["ctx"])
     data = {"label": example["label"], "ctx_tokens": ctx_tokens, "ending_tokens": []}
@@ -213,12 +181,14 @@ def evaluate(model, device, split="val", rank=0, world_size=1, limit=None, batch
 
 def load_model(name_or_path, device, compile=False):
     """A train_gpt2.py checkpoint (.pt) or a transformers GPT-2 (hub name or directory) as a Model."""
-    from train_gpt2 import load_hf_gpt2, load_model_checkpoint
-
     if name_or_path.endswith(".pt"):
-        gpt = load_model_checkpoint(name_or_path, device).eval()
+        from train_gpt2 import GPT  # only here: reading a checkpoint needs the model's code
+
+        gpt = GPT.from_pretrained(name_or_path).to(device).eval()
         hidden, head, max_len = gpt.hidden_states, gpt.lm_head, gpt.config.block_size
     else:
+        from hf_convert import load_hf_gpt2
+
         hf = load_hf_gpt2(name_or_path).to(device).eval()
         hidden, head, max_len = (lambda tokens: hf.transformer(tokens).last_hidden_state), hf.lm_head, \
             hf.config.n_positions
@@ -243,7 +213,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.batch_tokens < 0 or (args.limit is not None and args.limit <= 0):
         p.error("--batch_tokens must be >= 0 and --limit positive")
-    from train_gpt2 import UserError, autodetect_device
+    from common import UserError, autodetect_device
 
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     device = args.device or autodetect_device()
@@ -267,7 +237,7 @@ def main(argv=None):
             dist.all_reduce(counts)
             dist.barrier()  # tear down together, as train_gpt2.py does
             dist.destroy_process_group()
-    except (HellaSwagError, UserError) as e:
+    except UserError as e:
         sys.exit(f"hellaswag.py: error: {e}")
     correct_norm, correct, total = counts.tolist()
     if rank == 0:
@@ -276,4 +246,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # train_gpt2 (which a .pt model needs) imports this file by name: let it find this copy, not load a second
+    sys.modules.setdefault("hellaswag", sys.modules[__name__])
     main()

@@ -30,17 +30,14 @@ def main(argv=None):
     if args.num_samples <= 0 or args.max_new_tokens <= 0 or args.temperature <= 0 or args.top_k < 0:
         p.error("--num_samples, --max_new_tokens and --temperature must be positive, --top_k >= 0")
 
-    from hellaswag import HellaSwagError, get_encoder
-    from train_gpt2 import GPT, UserError, autodetect_device, load_model_checkpoint, sample_text
+    from common import UserError, autodetect_device, get_encoder
+    from train_gpt2 import GPT, sample_text
 
     device = args.device or autodetect_device()
     try:
         enc = get_encoder()
-        if args.model.endswith(".pt"):
-            model = load_model_checkpoint(args.model, device)
-        else:
-            model = GPT.from_pretrained(args.model).to(device)
-    except (UserError, HellaSwagError) as e:
+        model = GPT.from_pretrained(args.model).to(device)
+    except UserError as e:
         sys.exit(f"sample.py: error: {e}")
     model.eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()

@@ -40,6 +40,7 @@ def enc():
 def hellaswag_dir(tmp_path_factory, enc):
     """A HellaSwag cache dir holding hellaswag_val.jsonl; also exported as HELLASWAG_CACHE_DIR."""
     import hellaswag
+    from common import UserError
 
     cache = str(tmp_path_factory.mktemp("hellaswag"))
     shared = os.path.join(SHARED, "hellaswag", "hellaswag_val_preprocessed.jsonl")
@@ -48,7 +49,7 @@ def hellaswag_dir(tmp_path_factory, enc):
     else:
         try:
             hellaswag.download("val", cache)
-        except hellaswag.HellaSwagError as e:
+        except UserError as e:
             pytest.skip(f"HellaSwag val unavailable: no {shared} and no network ({e})")
     os.environ["HELLASWAG_CACHE_DIR"] = cache
     return cache

@@ -8,7 +8,9 @@ import pytest
 import torch
 from conftest import write_shards
 
-from train_gpt2 import EOT, DataLoaderLite, DevicePrefetcher, UserError
+from common import UserError
+from speed import DevicePrefetcher
+from train_gpt2 import EOT, DataLoaderLite
 
 
 def build_nanogpt_stream(shards, B, T, steps):

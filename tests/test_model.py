@@ -1,5 +1,6 @@
 """The GPT model, the optimizer groups and the learning-rate schedule."""
 
+import dataclasses
 import math
 
 import pytest
@@ -7,8 +8,9 @@ import torch
 
 import contextlib
 
-from train_gpt2 import (GPT, GPTConfig, UserError, configure_optimizers, get_lr, largest_micro_batch,
-                        micro_batch_candidates, parse_args)
+from common import UserError
+from speed import largest_micro_batch, micro_batch_candidates
+from train_gpt2 import GPT, GPTConfig, get_lr, parse_args
 
 TINY = GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=16)
 
@@ -113,7 +115,7 @@ def test_generate_is_seeded_and_top_k_1_is_greedy():
 
 def test_optimizer_groups():
     model = GPT(TINY)
-    opt = configure_optimizers(model, weight_decay=0.1, learning_rate=6e-4, device_type="cpu")
+    opt = model.configure_optimizers(weight_decay=0.1, learning_rate=6e-4, device_type="cpu")
     decay, nodecay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and nodecay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in nodecay["params"])
@@ -163,7 +165,7 @@ def gradients(model, idx, targets, autocast):
 def test_chunked_cross_entropy_equals_the_whole_batch_loss(chunk_rows):
     torch.manual_seed(0)
     plain = GPT(TINY)
-    chunked = GPT(TINY, ce_chunk_rows=chunk_rows)
+    chunked = GPT(dataclasses.replace(TINY, ce_chunk_rows=chunk_rows))
     chunked.load_state_dict(plain.state_dict())
     idx, targets = torch.randint(0, 101, (4, 32)), torch.randint(0, 101, (4, 32))
     _, loss, grads = gradients(plain, idx, targets, autocast=False)

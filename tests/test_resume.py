@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import REPO, TINY_MODEL, read_log, run, run_script
 
+import checkpoints
 import fineweb
 import train_gpt2
 
@@ -282,5 +283,5 @@ def test_checkpoint_contents_rotation_and_timed_saves(small_shards, tmp_path, he
 
     # a leftover from a later point (an abandoned future) does not push out the checkpoints being made
     open(os.path.join(log_dir, "ckpt_00099.pt"), "wb").close()
-    train_gpt2.rotate_checkpoints(log_dir, 1, 14)
+    checkpoints.rotate_checkpoints(log_dir, 1, 14)
     assert sorted(n for n in os.listdir(log_dir) if n.startswith("ckpt_")) == ["ckpt_00014.pt", "ckpt_00099.pt"]

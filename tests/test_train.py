@@ -48,7 +48,7 @@ def test_checkpoints_hold_model_config_step_and_val_loss(shakespeare_run):
     assert ckpt["step"] == 99 and ckpt["config"] == dict(block_size=64, vocab_size=50304, n_layer=2, n_head=2,
                                                          n_embd=64)
     assert ckpt["val_loss"] == pytest.approx(read_log(os.path.join(log_dir, "log.txt"))["val"][99], abs=1e-4)
-    model = train_gpt2.load_model_checkpoint(os.path.join(log_dir, "model_00099.pt"))
+    model = train_gpt2.GPT.from_pretrained(os.path.join(log_dir, "model_00099.pt"))
     assert torch.equal(model.lm_head.weight, ckpt["model"]["lm_head.weight"])
 
 

@@ -1,0 +1,100 @@
+"""
+Weights between train_gpt2.py's GPT and transformers' GPT2LMHeadModel, both ways.
+
+Reading: OpenAI's released GPT-2s (gpt2 ... gpt2-xl) or any save_pretrained folder of a GPT-2, as a
+GPTConfig's fields and a state dict that GPT.load_state_dict takes. Writing: a GPT as a transformers
+folder with GPT-2's tokenizer files beside it, which transformers, lm-evaluation-harness and the hub read.
+"""
+
+import json
+import os
+
+import torch
+
+from common import UserError, first_line
+
+HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+# transformers' GPT-2 keeps these four weights as (in, out) (its Conv1D), nn.Linear as (out, in)
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def load_hf_gpt2(name_or_path):
+    """transformers' GPT2LMHeadModel from the hub or a save_pretrained directory."""
+    from transformers import GPT2LMHeadModel  # imported here: slow, and only needed for these conversions
+
+    try:
+        return GPT2LMHeadModel.from_pretrained(name_or_path)
+    except OSError as e:
+        raise UserError(f"could not load {name_or_path!r} with transformers ({first_line(e)}); "
+                        "with no network, pass a local directory saved by save_pretrained") from None
+
+
+def hf_weights(hf_model):
+    """A transformers GPT-2's parameters by name, without its causal-mask buffers."""
+    return {k: v for k, v in hf_model.state_dict().items() if not k.endswith((".attn.masked_bias", ".attn.bias"))}
+
+
+def conv1d_transpose(name, tensor):
+    """Conv1D <-> nn.Linear: the same transpose converts either way."""
+    return tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor
+
+
+def from_transformers(name_or_path):
+    """(GPTConfig fields, state dict in GPT's layout) of a transformers GPT-2: hub name or directory."""
+    if name_or_path not in HUB_NAMES and not os.path.isdir(name_or_path):
+        raise UserError(f"--model {name_or_path!r} is neither one of {', '.join(HUB_NAMES)} "
+                        "nor a directory holding a transformers GPT-2 checkpoint")
+    hf_model = load_hf_gpt2(name_or_path)
+    hf = hf_model.config
+    if hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh") or hf.n_inner not in (None, 4 * hf.n_embd) \
+            or hf.layer_norm_epsilon != 1e-5:
+        raise UserError(f"{name_or_path}: only the GPT-2 architecture is supported (tanh GELU, 4x MLP, "
+                        f"LayerNorm eps 1e-5); got {hf.activation_function}, n_inner={hf.n_inner}, "
+                        f"eps={hf.layer_norm_epsilon}")
+    config = dict(block_size=hf.n_positions, vocab_size=hf.vocab_size,
+                  n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd)
+    return config, {k: conv1d_transpose(k, v) for k, v in hf_weights(hf_model).items()}
+
+
+def export_to_transformers(model, out_dir, vocab_size=50257):
+    """
+    Write a GPT as a transformers GPT-2 directory (GPT2LMHeadModel.from_pretrained loads it), with the
+    embedding cut back to the tokenizer's `vocab_size` and GPT-2's tokenizer files beside it.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = model.config
+    if cfg.vocab_size < vocab_size:
+        raise UserError(f"the model's vocabulary ({cfg.vocab_size}) is smaller than GPT-2's tokenizer's ({vocab_size})")
+    hf_model = GPT2LMHeadModel(GPT2Config(
+        vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
+        n_head=cfg.n_head, activation_function="gelu_new", bos_token_id=50256, eos_token_id=50256))
+    sd = model.state_dict()
+    with torch.no_grad():
+        for k, v in hf_weights(hf_model).items():
+            # the padding rows past the tokenizer's vocabulary are never used: drop them
+            w = sd[k][:vocab_size] if k in ("transformer.wte.weight", "lm_head.weight") else sd[k]
+            v.copy_(conv1d_transpose(k, w))
+    hf_model.save_pretrained(out_dir)
+    write_gpt2_tokenizer(out_dir, cfg.block_size)
+
+
+def write_gpt2_tokenizer(out_dir, max_length):
+    """GPT-2's own tokenizer files (vocab.json = encoder.json, merges.txt = vocab.bpe), as tiktoken fetches
+    and caches them, so an exported model loads with its tokenizer offline, e.g. in lm-evaluation-harness."""
+    from tiktoken.load import read_file_cached
+
+    base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+    files = {"vocab.json": ("encoder.json", "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+             "merges.txt": ("vocab.bpe", "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5")}
+    try:
+        for name, (remote, sha256) in files.items():
+            with open(os.path.join(out_dir, name), "wb") as f:
+                f.write(read_file_cached(base + remote, sha256))
+    except Exception as e:  # tiktoken raises plain network or hash errors
+        raise UserError(f"could not get GPT-2's tokenizer files ({type(e).__name__}); connect once, or set "
+                        "TIKTOKEN_CACHE_DIR to a folder holding tiktoken's cache") from None
+    config = {"tokenizer_class": "GPT2Tokenizer", "model_max_length": max_length, "add_prefix_space": False,
+              "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump(config, f, indent=2)

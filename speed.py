@@ -1,0 +1,283 @@
+"""
+Device and speed tooling for train_gpt2.py. None of it changes what is computed, only how fast:
+
+- peak FLOP/s tables and MFU, and --benchmark's summary line
+- the choice of SDPA kernel (--sdpa_backend) and compile modes
+- -B auto: the largest micro-batch that fits in GPU memory
+- DevicePrefetcher (the next batch on its way while the device works) and SyntheticLoader (random tokens)
+- ChunkedCrossEntropy (--chunked_ce): lm_head and the loss without the whole batch's logits
+"""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn import functional as F
+
+from common import UserError, synchronize
+
+# -----------------------------------------------------------------------------
+# Peak FLOP/s and MFU
+
+# Dense bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s; matched against the device name.
+GPU_PEAK_BF16_TFLOPS = [
+    ("H200", 989.5), ("H100 PCIe", 756.0), ("H100", 989.5), ("GH200", 989.5), ("H800", 989.5),
+    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0),
+    ("A10", 125.0), ("RTX 4090", 165.2), ("RTX 3090", 71.0), ("A6000", 154.8), ("V100", 125.0), ("T4", 65.0),
+]
+
+
+def cpu_peak_flops():
+    """fp32 FMA peak of the CPU cores torch uses: threads x clock x (2 FMA units x SIMD lanes x 2)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return None
+    mhz = [float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")]
+    flags = next((line.split(":")[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    if not mhz:
+        return None
+    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+    return torch.get_num_threads() * max(mhz) * 1e6 * 2 * lanes * 2
+
+
+def device_peak_flops(device_type, override_tflops=None):
+    """Peak FLOP/s used as MFU's denominator, or None where unknown (MFU is then not printed)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name()
+        return next((tf * 1e12 for key, tf in GPU_PEAK_BF16_TFLOPS if key in name), None)
+    if device_type == "cpu":
+        return cpu_peak_flops()
+    return None
+
+
+def mfu_percent(flops_per_token, tokens_per_sec, peak_flops, world_size):
+    """Model FLOPs utilisation: the FLOPs the model needs per second, over what the devices could do."""
+    return 100 * flops_per_token * tokens_per_sec / (peak_flops * world_size)
+
+
+def print_benchmark(args, step_times, flops_per_token, peak_flops, world_size, device_type):
+    """The median step after warm-up (the first fifth of the steps, at least one: compilation, allocator)."""
+    warmup = max(1, len(step_times) // 5)
+    measured = sorted(step_times[warmup:] or step_times)
+    ms = 1000 * measured[len(measured) // 2]
+    tokens_per_sec = args.total_batch_size / (ms / 1000)
+    mfu = mfu_percent(flops_per_token, tokens_per_sec, peak_flops, world_size) if peak_flops else None
+    if device_type == "cuda":
+        peak_memory = torch.cuda.max_memory_allocated() / 2 ** 30
+    else:  # the process's peak resident memory (Linux reports KiB, macOS bytes)
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak_memory = rss / (2 ** 30 if sys.platform == "darwin" else 2 ** 20)
+    result = dict(ms_per_step=round(ms, 2), tokens_per_sec=round(tokens_per_sec), mfu=mfu and round(mfu, 2),
+                  peak_memory_gib=round(peak_memory, 2), steps_measured=len(measured), warmup_steps=warmup)
+    print(f"benchmark: median {ms:.2f} ms/step over {len(measured)} steps after {warmup} warm-up | "
+          f"{tokens_per_sec:,.0f} tok/s | MFU {'n/a' if mfu is None else f'{mfu:.2f}%'} | "
+          f"peak {'GPU' if device_type == 'cuda' else 'process'} memory {peak_memory:.2f} GiB")
+    print("BENCHMARK " + json.dumps(result))  # for benchmarks/ladder.py
+
+
+# -----------------------------------------------------------------------------
+# Kernel choices
+
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+# --sdpa_backend: which torch.backends.cuda switch each choice leaves on (CPU kernels obey flash and math too)
+SDPA_BACKENDS = {"auto": None, "flash": "flash", "cudnn": "cudnn", "efficient": "mem_efficient", "math": "math"}
+
+
+def select_sdpa_backend(name, device_type):
+    """Leave only the chosen kernel enabled for F.scaled_dot_product_attention (auto: torch picks per call)."""
+    if SDPA_BACKENDS[name] is None:
+        return
+    if device_type != "cuda" and name not in ("flash", "math"):
+        raise UserError(f"--sdpa_backend {name} needs a CUDA GPU; on {device_type} use auto, flash or math")
+    for backend in ("flash", "mem_efficient", "math", "cudnn"):
+        getattr(torch.backends.cuda, f"enable_{backend}_sdp")(backend == SDPA_BACKENDS[name])
+
+
+# -----------------------------------------------------------------------------
+# -B auto: the largest micro-batch that fits
+
+
+def micro_batch_candidates(total_batch_size, T, world_size):
+    """The micro-batch sizes that divide one process's share of the total batch, largest first."""
+    per_process = total_batch_size // (T * world_size)
+    return [b for b in range(per_process, 0, -1) if total_batch_size % (b * T * world_size) == 0]
+
+
+def out_of_memory(e):
+    """The device refused an allocation: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(e)
+
+
+def largest_micro_batch(model, candidates, T, vocab_size, autocast_ctx, device, reserve_bytes):
+    """
+    -B auto: the first of `candidates` (largest first) for which a forward and backward pass of
+    `model` (compiled, if it is: the memory of the graph that will run) fits on the device next to
+    `reserve_bytes` held back for what training adds later (AdamW's moments, DDP's buckets).
+    Every candidate that does not fit costs one pass (and, compiled, one compilation).
+    """
+    device_type = device.split(":")[0]
+    generator = torch.Generator(device=device).manual_seed(0)  # the global RNG stays untouched
+    reserve = torch.empty(reserve_bytes, dtype=torch.uint8, device=device)
+    try:
+        for B in candidates:
+            try:
+                x = torch.randint(0, vocab_size, (B, T), device=device, generator=generator)
+                with autocast_ctx:
+                    _, loss = model(x, x)
+                loss.backward()
+                synchronize(device_type)
+                return B
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+                if not out_of_memory(e):
+                    raise
+            finally:
+                x = loss = None
+                model.zero_grad(set_to_none=True)
+                if device_type == "cuda":
+                    torch.cuda.empty_cache()
+        raise UserError(f"not even -B {candidates[-1]} fits in {device_type} memory; use a smaller model or -T")
+    finally:
+        del reserve
+        if device_type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def auto_micro_batch(model, raw_model, candidates, T, autocast_ctx, device, ddp):
+    """-B auto for a run: room is held back for AdamW's two moments (and DDP's gradient buckets), which
+    come after the probe; under DDP every rank takes the smallest micro-batch any of them found."""
+    param_bytes = sum(p.numel() * p.element_size() for p in raw_model.parameters())
+    B = largest_micro_batch(model, candidates, T, raw_model.config.vocab_size, autocast_ctx, device,
+                            (2 + ddp) * param_bytes)
+    if ddp:
+        found = torch.tensor(B, device=device)
+        dist.all_reduce(found, op=dist.ReduceOp.MIN)
+        B = int(found.item())
+    return B
+
+
+# -----------------------------------------------------------------------------
+# Batches: random ones for benchmarks, and the next one prefetched to the device
+
+
+class SyntheticLoader:
+    """Random tokens in place of shards, for measuring speed with no data on disk (--synthetic)."""
+
+    def __init__(self, B, T, process_rank, num_processes, split, seed=0):
+        self.B, self.T, self.num_processes = B, T, num_processes
+        self.shards, self.skipped = [], []
+        self.seed = 2 * (seed * 1000 + process_rank) + (split == "val")  # its own stream per rank and split
+        self.reset()
+
+    def reset(self):
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    def next_batch(self):
+        buf = torch.randint(0, 50257, (self.B * self.T + 1,), generator=self.generator)
+        return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+
+
+class DevicePrefetcher:
+    """
+    A loader's batches on the device, one batch ahead: while the device works on batch i, batch i+1 is
+    already sliced and (on CUDA, from pinned memory, without blocking) on its way. The position it
+    reports is the loader's before the batch it holds, so a checkpoint resumes with that batch.
+    """
+
+    def __init__(self, loader, device, prefetch=True):
+        self.loader, self.device, self.prefetch = loader, device, prefetch
+        self.pinned = device.startswith("cuda")
+        self._refill()
+
+    def _refill(self):
+        """Drop the batch in hand (the loader has moved) and, prefetching, take the next one."""
+        self._pending = None
+        if self.prefetch:
+            self._fetch()
+
+    def _fetch(self):
+        self._state = self.loader.state_dict()
+        x, y = self.loader.next_batch()
+        if self.pinned:  # a copy from pinned memory can run while the host goes on
+            x, y = x.pin_memory(), y.pin_memory()
+        self._pending = (x.to(self.device, non_blocking=self.pinned), y.to(self.device, non_blocking=self.pinned))
+
+    def next_batch(self):
+        if self._pending is None:  # not prefetching: fetch on demand
+            self._fetch()
+        batch = self._pending
+        self._refill()
+        return batch
+
+    def reset(self):
+        self.loader.reset()
+        self._refill()
+
+    def state_dict(self):
+        return self._state if self._pending is not None else self.loader.state_dict()
+
+    def load_state_dict(self, state):
+        self.loader.load_state_dict(state)
+        self._refill()
+
+
+# -----------------------------------------------------------------------------
+# The loss without the whole batch's logits
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """
+    lm_head and the mean cross-entropy together, `chunk_rows` rows at a time, so the (B*T, vocab)
+    logits (6.6 GB in bf16 at B=64, twice that as the fp32 copy the loss is taken on) never exist
+    whole. Each chunk's gradients are made while its logits are at hand; backward only scales them.
+    Under autocast the matmuls run in its dtype and the softmax in fp32, as with lm_head + F.cross_entropy.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_rows, grad_enabled):
+        n = h.size(0)
+        # needs_input_grad stays True under no_grad (evaluation): only make gradients when they will be used
+        want_h = grad_enabled and ctx.needs_input_grad[0]
+        want_w = grad_enabled and ctx.needs_input_grad[1]
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if want_h else None
+        grad_w = torch.zeros_like(weight) if want_w else None
+        for i in range(0, n, chunk_rows):
+            h_chunk, t_chunk = h[i:i + chunk_rows], targets[i:i + chunk_rows]
+            logits = (h_chunk @ weight.t()).float()
+            loss += F.cross_entropy(logits, t_chunk, reduction="sum")
+            if want_h or want_w:
+                # d(mean loss)/d(logits) = (softmax - one_hot(target)) / n
+                g = torch.softmax(logits, dim=-1)
+                g[torch.arange(g.size(0), device=g.device), t_chunk] -= 1.0
+                g /= n
+                if want_h:
+                    grad_h[i:i + chunk_rows] = g @ weight
+                if want_w:
+                    grad_w += g.t() @ h_chunk
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return (None if grad_h is None else grad_h * grad_loss,
+                None if grad_w is None else grad_w * grad_loss, None, None, None)
+
+
+def chunked_cross_entropy(x, weight, targets, chunk_rows):
+    """The mean loss of lm_head(x) against targets, with x (B, T, C), through ChunkedCrossEntropy."""
+    return ChunkedCrossEntropy.apply(x.view(-1, x.size(-1)), weight, targets.view(-1), chunk_rows,
+                                     torch.is_grad_enabled())
