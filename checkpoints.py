@@ -10,18 +10,21 @@ Every file is written to a temporary name and renamed, so a crash leaves the old
 
 import contextlib
 import os
-import pickle
 import random
 import re
 import signal
+import zlib
 from dataclasses import asdict
 
 import numpy as np
 import torch
 
-from common import UserError, first_line
+from common import UserError, file_fingerprint, first_line, lock_folder, write_failure
 
 CHECKPOINT_RE = re.compile(r"^(model|ckpt)_(\d+)\.pt$")
+LOCK_NAME = "train_gpt2.lock"  # held by the run that owns the folder; also marks it as one this script ran in
+OWN_TEMP_RE = re.compile(r"^((model|ckpt)_\d+\.pt|log\.txt)\.tmp$")  # the temporary names this script writes
+LOG_LINE_RE = re.compile(r"^(\d+) (train|val|hella) \S+\n$")  # a whole log.txt line, newline included
 # GPTConfig fields that choose how to compute, not what: left out of checkpoints, free to change on resume
 COMPUTE_ONLY_FIELDS = ("attention", "ce_chunk_rows")
 
@@ -44,11 +47,11 @@ def atomic_torch_save(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
         if os.path.lexists(tmp):
             os.remove(tmp)
-        raise UserError(f"could not write checkpoint {path} ({e.strerror or e}); the earlier checkpoints are "
-                        "intact: free some space, then rerun the same command to resume") from None
+        raise UserError(f"could not write checkpoint {path} ({write_failure(path, e)}); the earlier checkpoints "
+                        "are intact: free some space, then rerun the same command to resume") from None
 
 
 def rng_state():
@@ -69,8 +72,54 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path, model, optimizer, step, val_loss, args, train_loader, val_loader, world_size):
-    atomic_torch_save({
+def payload_crc(obj, crc=0):
+    """A CRC-32 of everything in a checkpoint (tensors by their bytes, the rest by repr), saved inside it and
+    checked on load: a flipped bit anywhere in the weights, moments or state is found."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        crc = zlib.crc32(f"{t.dtype}{tuple(t.shape)}".encode(), crc)
+        return zlib.crc32(t.reshape(-1).view(torch.uint8).numpy(), crc)
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            crc = payload_crc(v, payload_crc(k, crc))
+        return crc
+    if isinstance(obj, (list, tuple)):
+        crc = zlib.crc32(type(obj).__name__.encode(), crc)
+        for v in obj:
+            crc = payload_crc(v, crc)
+        return crc
+    return zlib.crc32(repr(obj).encode(), crc)
+
+
+def data_identity(loaders):
+    """{split: {shard file name: fingerprint}} of the shards the loaders read, taken when they open them."""
+    return {split: {os.path.basename(p): file_fingerprint(p) for p in loader.shards}
+            for split, loader in loaders.items()}
+
+
+def check_same_data(ckpt, identity, args):
+    """Refuse to resume onto other data than the checkpoint's (another --data_dir, a shard replaced in place),
+    unless --new_data says it is meant; returns the notes to print."""
+    saved = ckpt.get("data_identity")
+    if saved is None or saved == identity:  # checkpoints from before fingerprints were kept: nothing to compare
+        return []
+    split = next(s for s in identity if saved.get(s) != identity[s])
+    changed = sorted(set(saved.get(split, {})) ^ set(identity[split])) or \
+        sorted(n for n in identity[split] if saved[split].get(n) != identity[split][n])
+    what = f"its {split} shards differ from --data_dir {args.data_dir}'s (first: {changed[0]})"
+    if not args.new_data:
+        raise UserError(f"the checkpoint was trained on other data: {what}; resume with its data "
+                        f"(--data_dir {ckpt['args']['data_dir']}), or pass --new_data to go on with this data")
+    return [f"--new_data: {what}; training goes on with this data, read from its start"]
+
+
+def save_checkpoint(path, model, optimizer, step, val_loss, args, train_loader, val_loader, world_size,
+                    identity):
+    # a diverged state is never saved: it would rotate the last healthy resume points away
+    if not all(torch.isfinite(t).all() for t in model.state_dict().values()):
+        raise UserError(f"not saving {path}: the weights hold NaN or inf, the run diverged before step {step}; "
+                        f"lower --max_lr (now {args.max_lr}) and rerun to resume from the last checkpoint")
+    payload = {
         "model": model.state_dict(),  # the plain module: no "_orig_mod." or "module." prefixes
         "optimizer": optimizer.state_dict(),
         "config": model_config(model.config),
@@ -79,30 +128,36 @@ def save_checkpoint(path, model, optimizer, step, val_loss, args, train_loader, 
         "args": vars(args),
         "world_size": world_size,
         "data": {"train": train_loader.state_dict(), "val": val_loader.state_dict()},
+        "data_identity": identity,
         "rng": rng_state(),
-    }, path)
+    }
+    atomic_torch_save(dict(payload, checksum=payload_crc(payload)), path)
 
 
 def load_checkpoint(path, device="cpu"):
-    """torch.load with weights_only=True, and a clear error for a missing, truncated or foreign file."""
+    """torch.load with weights_only=True, and a clear error for a missing, truncated, corrupt or foreign file."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} does not exist") from None
-    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError) as e:
-        raise UserError(f"{path} is not a readable train_gpt2.py checkpoint ({first_line(e)})") from None
+    except Exception as e:  # a damaged file can fail in the zip reader, the unpickler or torch: whatever it is
+        raise UserError(f"{path} is not a readable train_gpt2.py checkpoint ({type(e).__name__}: "
+                        f"{first_line(e)})") from None
     if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= set(ckpt):
         raise UserError(f"{path} is not a train_gpt2.py checkpoint (no model, config and step in it)")
+    if "checksum" in ckpt and payload_crc({k: v for k, v in ckpt.items() if k != "checksum"}) != ckpt["checksum"]:
+        raise UserError(f"{path} is corrupt: its contents do not match the checksum saved with them")
     return ckpt
 
 
-def restore_checkpoint(ckpt, model, optimizer, train_batches, val_batches):
-    """Put a run's saved state back: weights, AdamW's moments, both loaders' positions, every RNG.
-    Returns the last val loss it recorded."""
+def restore_checkpoint(ckpt, model, optimizer, train_batches, val_batches, identity):
+    """Put a run's saved state back: weights, AdamW's moments, both loaders' positions (unless the data is
+    new, see check_same_data), every RNG. Returns the last val loss it recorded."""
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])  # moves the moments to the parameters' device
-    train_batches.load_state_dict(ckpt["data"]["train"])
-    val_batches.load_state_dict(ckpt["data"]["val"])
+    if ckpt.get("data_identity", identity) == identity:
+        train_batches.load_state_dict(ckpt["data"]["train"])
+        val_batches.load_state_dict(ckpt["data"]["val"])
     set_rng_state(ckpt["rng"])
     return ckpt["val_loss"]
 
@@ -170,11 +225,12 @@ def check_resumable(ckpt, config, args, world_size):
 
 
 def truncate_log(log_file, step):
-    """Keep only the lines of steps before `step`: the resumed run writes the rest again."""
+    """Keep only the whole lines of steps before `step`: the resumed run writes the rest again. A line cut
+    short by a crash or a full disk (no newline at its end) is dropped, never continued."""
     if not os.path.exists(log_file):
         return
     with open(log_file) as f:
-        kept = [line for line in f if line.split(maxsplit=1)[0].isdigit() and int(line.split()[0]) < step]
+        kept = [line for line in f if (m := LOG_LINE_RE.match(line)) and int(m.group(1)) < step]
     tmp = f"{log_file}.tmp"
     with open(tmp, "w") as f:
         f.writelines(kept)
@@ -183,38 +239,106 @@ def truncate_log(log_file, step):
     os.replace(tmp, log_file)
 
 
-def prepare_log_dir(args, resume_step):
+@contextlib.contextmanager
+def claim_log_dir(args, holder):
     """
-    Resuming: keep the log up to resume_step. Starting fresh: never replace an earlier run's
-    checkpoints or log by accident (with --resume auto, a log whose run left no checkpoint is redone).
+    A run owns its --log_dir: rank 0 (`holder`) makes it and holds its lock file for the run's life, so a
+    second run there (or a rerun racing ranks left over from a killed launcher) stops with one line.
+    Yields whether train_gpt2.py had run in this folder before (its lock file was there already).
+    """
+    if not holder:
+        yield None
+        return
+    try:
+        os.makedirs(args.log_dir, exist_ok=True)
+        was_ours = os.path.exists(os.path.join(args.log_dir, LOCK_NAME))
+        fd = lock_folder(args.log_dir, LOCK_NAME, "pass another --log_dir")
+    except OSError as e:  # read-only, no permission, a file in the way
+        raise UserError(f"cannot use --log_dir {args.log_dir} ({e.strerror or e}); pass a folder you can "
+                        "write to") from None
+    try:
+        yield was_ours
+    finally:
+        os.close(fd)  # the lock goes with it
+
+
+def finished_at(log_dir, max_steps):
+    """The last step of a run in log_dir that got to max_steps (its log has that step's train line), or None."""
+    path = os.path.join(log_dir, "log.txt")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        steps = [int(m.group(1)) for line in f if (m := LOG_LINE_RE.match(line)) and m.group(2) == "train"]
+    return max(steps) if steps and max(steps) >= max_steps - 1 else None
+
+
+def prepare_log_dir(args, resumed_from, resume_step, was_ours):
+    """
+    Resuming: keep the log up to resume_step. Starting fresh: never replace an earlier run's checkpoints
+    or log by accident. Only what a run writes is ever deleted (its checkpoints, its temporary files, and
+    with --resume auto a log of its own that no checkpoint came of); anything else in --log_dir stays.
     Returns the path of log.txt.
     """
-    os.makedirs(args.log_dir, exist_ok=True)
+    try:
+        return _prepare_log_dir(args, resumed_from, resume_step, was_ours)
+    except OSError as e:
+        raise UserError(f"cannot use --log_dir {args.log_dir} ({e.strerror or e}); pass a folder you can "
+                        "write to") from None
+
+
+def _prepare_log_dir(args, resumed_from, resume_step, was_ours):
     for name in os.listdir(args.log_dir):
-        if name.endswith(".tmp"):  # a save or log rewrite that a crash cut short
+        if OWN_TEMP_RE.match(name):  # a save or log rewrite that a crash cut short
             os.remove(os.path.join(args.log_dir, name))
     log_file = os.path.join(args.log_dir, "log.txt")
-    if resume_step is not None:
-        truncate_log(log_file, resume_step)
-        return log_file
     previous = [path for _, path in list_checkpoints(args.log_dir)]
     if os.path.exists(log_file):
         previous.insert(0, log_file)
+    names = ", ".join(os.path.basename(f) for f in previous[:3]) + (" ..." if len(previous) > 3 else "")
+    if resume_step is not None:
+        if previous and not os.path.samefile(os.path.dirname(os.path.abspath(resumed_from)), args.log_dir):
+            raise UserError(f"{args.log_dir} already holds a run ({names}), and --resume {resumed_from} is "
+                            "another's; resume it into a new --log_dir, or drop --resume to continue this one")
+        truncate_log(log_file, resume_step)
+        return log_file
     if previous and args.resume == "none" and not args.overwrite:
-        names = ", ".join(os.path.basename(f) for f in previous[:3]) + (" ..." if len(previous) > 3 else "")
         raise UserError(f"{args.log_dir} already holds a run ({names}); drop --resume none to continue it, "
                         "pass --log_dir NEW_DIR, or --overwrite to delete it and start over")
+    if os.path.exists(log_file) and not args.overwrite and not (was_ours and log_is_ours(log_file)):
+        raise UserError(f"{log_file} was not written by train_gpt2.py in this folder; pass --log_dir NEW_DIR, or "
+                        "--overwrite to replace it")
     for f in previous:
         os.remove(f)
     open(log_file, "w").close()
     return log_file
 
 
+def log_is_ours(log_file):
+    """Every line is a whole log.txt line of this script's (a torn last one aside)."""
+    with open(log_file) as f:
+        lines = f.readlines()
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    return all(LOG_LINE_RE.match(line) for line in lines)
+
+
 def append_log(log_file, line):
-    """One line of log.txt; a None log_file (a rank other than 0, or --benchmark) writes nothing."""
-    if log_file:
-        with open(log_file, "a") as f:
-            f.write(line + "\n")
+    """One line of log.txt, in one write; a None log_file (a rank other than 0, or --benchmark) writes nothing.
+    A write that fails part way leaves a line without its newline, which a resume drops."""
+    if not log_file:
+        return
+    data = (line + "\n").encode()
+    try:
+        fd = os.open(log_file, os.O_WRONLY | os.O_APPEND)
+        try:
+            written = os.write(fd, data)
+        finally:
+            os.close(fd)
+        if written != len(data):
+            raise OSError(28, os.strerror(28))  # a short write: the disk filled up mid-line
+    except OSError as e:
+        raise UserError(f"could not append to {log_file} ({write_failure(log_file, e)}); free some space, then "
+                        "rerun the same command to resume") from None
 
 
 def rotate_checkpoints(log_dir, keep_last, step):

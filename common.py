@@ -6,8 +6,11 @@ imports torch, requests and tiktoken only where a function needs them, so that f
 processes stay light.
 """
 
+import argparse
 import functools
+import math
 import os
+import zlib
 
 
 class UserError(Exception):
@@ -18,6 +21,43 @@ def first_line(e):
     """The first line of an exception's message, for one-line errors."""
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+def file_fingerprint(path, blocks=16, block_size=4096):
+    """[size, CRC-32 of `blocks` blocks spread over the file]: cheap (64 KiB read), and it changes when a shard
+    is replaced by other tokens, even under the same name and size."""
+    size = os.path.getsize(path)
+    crc = 0
+    with open(path, "rb") as f:
+        for i in range(blocks):
+            f.seek(max(0, (size - block_size) * i // max(1, blocks - 1)))
+            crc = zlib.crc32(f.read(block_size), crc)
+    return [size, crc]
+
+
+def finite_float(text):
+    """argparse type: a float that is neither NaN nor infinite (float() accepts "nan" and "inf")."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def write_failure(path, e):
+    """Why writing `path` failed, in words: the OS's reason, or for errors that do not carry one (torch's zip
+    writer, safetensors) their first line and the space left on that disk."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    import shutil
+
+    try:
+        free = f"{shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free:,} bytes free there"
+    except OSError:
+        free = "free space unknown"
+    return f"{first_line(e)}; {free}"
 
 
 def download_file(url, path, chunk_size=1 << 20):
@@ -37,6 +77,9 @@ def download_file(url, path, chunk_size=1 << 20):
     except requests.RequestException as e:
         raise UserError(f"could not download {url} ({type(e).__name__}); fetch it yourself and place it "
                         f"at {path}") from None
+    except OSError as e:
+        raise UserError(f"could not write {path} ({write_failure(path, e)}); free some space or pick another "
+                        "folder, then rerun") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -52,6 +95,89 @@ def get_encoder():
     except Exception as e:  # tiktoken raises plain requests/OS errors when its files cannot be fetched
         raise UserError(f"could not load the GPT-2 tokenizer with tiktoken ({type(e).__name__}); connect "
                         "once to cache it, or set TIKTOKEN_CACHE_DIR to a folder holding its files") from None
+
+
+def lock_folder(folder, name, fix):
+    """
+    Hold folder/name with an exclusive fcntl.flock for the rest of this process's life: the kernel frees it
+    however the process ends, kill -9 included, so a stale lock never blocks a rerun. If another process
+    holds it, a UserError naming that process and `fix`. Returns the lock's file descriptor (keep it open).
+    """
+    import fcntl
+    import socket
+
+    path = os.path.join(folder, name)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise UserError(f"{folder} is in use by {holder} (it holds {name}); wait for it to end or stop it, "
+                        f"or {fix}") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    return fd
+
+
+def exit_with_parent(what):
+    """End this process soon after its parent dies (checked every 0.2 s). torchrun starts each rank in a session
+    of its own, so a kill -9 of torchrun would otherwise leave them running, holding their folder's lock."""
+    import sys
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        print(f"{what}: its parent process (pid {parent}) is gone; exiting", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit_with_parent").start()
+
+
+RANK_ERROR_KEY = "train_gpt2.py/error"
+_told_others = False
+
+
+def _rendezvous_store():
+    """A client of torchrun's key-value store (MASTER_ADDR:MASTER_PORT), of this process's own."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                         timeout=timedelta(seconds=10))
+
+
+def tell_other_ranks(message):
+    """A rank that fails alone once training has begun leaves its message in the store, where the other
+    ranks (blocked in a collective that will never complete) find it; see exit_when_another_rank_fails."""
+    global _told_others
+    _told_others = True
+    try:
+        _rendezvous_store().set(RANK_ERROR_KEY, message)
+    except Exception:  # best effort: torchrun still ends the other ranks, only later
+        pass
+
+
+def exit_when_another_rank_fails(what):
+    """Watch the store twice a second; when another rank has failed, print its message and exit."""
+    import sys
+    import threading
+    import time
+
+    def watch():
+        store = _rendezvous_store()
+        while not store.check([RANK_ERROR_KEY]) or _told_others:
+            time.sleep(0.5)
+        print(f"{what}: stopping, another rank failed: {store.get(RANK_ERROR_KEY).decode()}", file=sys.stderr,
+              flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit_when_another_rank_fails").start()
 
 
 def autodetect_device():

@@ -30,7 +30,6 @@ def main(argv=None):
         sys.exit(f"export.py: error: checkpoint {args.checkpoint} does not exist")
     try:
         model = GPT.from_pretrained(args.checkpoint)
-        os.makedirs(args.out_dir, exist_ok=True)
         export_to_transformers(model, args.out_dir)
     except UserError as e:
         sys.exit(f"export.py: error: {e}")

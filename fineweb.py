@@ -15,12 +15,15 @@ continues after its last finished shard and writes exactly what an uninterrupted
 """
 
 import argparse
+import collections
+import contextlib
 import glob
 import json
-import multiprocessing as mp
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 from tqdm import tqdm
@@ -31,8 +34,10 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 COMPRESSION = (".xz", ".gz", ".bz2", ".zst")
 BIN_MAGIC, BIN_VERSION = 20240520, 1  # llm.c's data file header
+LOCK_NAME = "fineweb.lock"  # held by the run writing the folder
 
 _enc = None  # each worker's tokenizer, made by init_worker
+_lock_fd = None  # the out_dir lock's descriptor in the main process, which forked workers must not keep
 
 
 class DataError(Exception):
@@ -48,6 +53,17 @@ def init_worker():
     import tiktoken
 
     _enc = tiktoken.get_encoding("gpt2")
+
+
+def init_pool_worker():
+    """A tokenizer process: drop the copy of the folder's lock that fork gave it (so the lock dies with the main
+    process), and exit if the main process is killed, rather than linger."""
+    from common import exit_with_parent
+
+    if _lock_fd is not None:
+        os.close(_lock_fd)
+    exit_with_parent("fineweb.py tokenizer process")
+    init_worker()
 
 
 def tokenize_batch(texts):
@@ -75,6 +91,23 @@ def batches(texts, chunk_chars):
         yield batch
 
 
+def tokenized(texts, args):
+    """(tokens, lengths) of each batch of documents, in order, from args.num_proc tokenizer processes, a few
+    batches ahead. A process that dies (the OOM killer) stops the run with one line instead of a hang."""
+    pending = collections.deque()
+    with ProcessPoolExecutor(args.num_proc, initializer=init_pool_worker) as pool:
+        try:
+            for batch in batches(texts, args.chunk_chars):
+                pending.append(pool.submit(tokenize_batch, batch))
+                if len(pending) > 2 * args.num_proc:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        except BrokenProcessPool:
+            raise DataError("a tokenizer process died (killed for lack of memory?); rerun with fewer --num_proc or "
+                            "a smaller --chunk_chars: it continues after the last finished shard") from None
+
+
 # -----------------------------------------------------------------------------
 # Shards
 
@@ -85,8 +118,7 @@ def shard_path(out_dir, prefix, index, fmt):
 
 def write_shard(path, tokens):
     """np.save (.npy) or llm.c's header + uint16 (.bin), through a temporary file and a rename."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    def write(f):
         if path.endswith(".bin"):
             header = np.zeros(256, dtype=np.int32)
             header[:3] = (BIN_MAGIC, BIN_VERSION, len(tokens))
@@ -94,9 +126,25 @@ def write_shard(path, tokens):
             f.write(tokens.astype(np.uint16).tobytes())
         else:
             np.save(f, tokens)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+    atomic_write(path, write)
+
+
+def atomic_write(path, write):
+    """write(f) into path's temporary name, fsync, rename; a failure (a full disk) leaves no temporary file
+    and stops with one line."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise DataError(f"could not write {path} ({e.strerror or e}); free some space, then rerun the same "
+                        "command: it continues after the last finished shard") from None
 
 
 class ShardWriter:
@@ -203,6 +251,8 @@ def load_documents(args, skip):
         what = f"{source} ({len(files)} {builder} file{'s' if len(files) > 1 else ''})"
         try:
             ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=args.streaming, **kwargs)
+        except StopIteration:  # streaming peeks at the first row for the columns
+            raise DataError(f"{what} holds no documents") from None
         except Exception as e:
             raise DataError(f"could not read {what}: {first_line(e)}") from None
     else:
@@ -215,14 +265,39 @@ def load_documents(args, skip):
         except Exception as e:
             raise DataError(f"could not load {what} from the Hugging Face hub: {first_line(e)}. Check the name "
                             "and the network, or pass a local .jsonl/.parquet/.txt path with --dataset") from None
-    columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)))
+    try:
+        columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)))
+    except StopIteration:
+        raise DataError(f"{what} holds no documents") from None
+    except Exception as e:  # the first row already unreadable (bad bytes)
+        raise DataError(f"could not read {what}: {first_line(e)}") from None
     if args.text_column not in columns:
         raise DataError(f"{what} has no {args.text_column!r} column (columns: {', '.join(columns)}); "
                         "pass --text_column")
     if skip:
         ds = ds.skip(skip)
     print(f"{what}: {'streaming' if args.streaming else f'{len(ds) + skip:,} documents'}")
-    return (text for batch in ds.iter(batch_size=1024) for text in batch[args.text_column]), what
+    return checked_texts(ds, args.text_column, what, skip), what
+
+
+def checked_texts(ds, column, what, skip):
+    """The texts of `column`, in order; a row that cannot be read (bad bytes) or has no text stops the run
+    with one line naming the row."""
+    from common import first_line
+
+    rows, row = ds.iter(batch_size=1024), skip
+    while True:
+        try:
+            batch = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:  # the readers raise their own decoding errors
+            raise DataError(f"could not read {what} after row {row:,}: {first_line(e)}") from None
+        for text in batch[column]:
+            if not isinstance(text, str):
+                raise DataError(f"{what}: row {row:,} has no text ({column} is {text!r:.40}); fix or drop that row")
+            yield text
+            row += 1
 
 
 # -----------------------------------------------------------------------------
@@ -239,12 +314,33 @@ def fingerprint(args):
 
 
 def save_progress(args, **state):
-    tmp = progress_path(args) + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"fingerprint": fingerprint(args), **state}, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, progress_path(args))
+    """Where the stream stands after the last finished shard, and each finished shard's fingerprint."""
+    data = json.dumps({"fingerprint": fingerprint(args), **state}, indent=2).encode()
+    atomic_write(progress_path(args), lambda f: f.write(data))
+
+
+def load_progress(args):
+    try:
+        with open(progress_path(args)) as f:
+            state = json.load(f)
+        state["fingerprint"], state["next_shard"], state["doc"], state["offset"]  # noqa: B018 (all must be there)
+        return state
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{progress_path(args)} is damaged ({type(e).__name__}); pass --overwrite to write the "
+                        "shards again") from None
+
+
+def check_recorded_shards(args, state):
+    """Every shard the progress file records is there, as it was written; later ones are made again."""
+    from common import file_fingerprint
+
+    for name, recorded in state.get("shards", {}).items():  # none recorded: a progress file of an older version
+        path = os.path.join(args.out_dir, name)
+        if int(name.rsplit("_", 1)[1].split(".")[0]) >= state["next_shard"]:
+            continue
+        if not os.path.exists(path) or file_fingerprint(path) != recorded:
+            raise DataError(f"shard {path}, which this script wrote, is {'changed' if os.path.exists(path) else 'gone'};"
+                            " pass --overwrite to write the shards again")
 
 
 def prepare_out_dir(args):
@@ -253,12 +349,12 @@ def prepare_out_dir(args):
                       glob.glob(os.path.join(args.out_dir, f"{args.prefix}_*_*.bin")))
     state = None
     if os.path.exists(progress_path(args)) and not args.overwrite:
-        with open(progress_path(args)) as f:
-            state = json.load(f)
+        state = load_progress(args)
         if state["fingerprint"] != fingerprint(args):
             changed = [k for k, v in fingerprint(args).items() if state["fingerprint"].get(k) != v]
             raise DataError(f"{args.out_dir} holds a run made with other --{', --'.join(changed)}; rerun with "
                             "its flags to continue it, or pass --out_dir NEW_DIR, or --overwrite")
+        check_recorded_shards(args, state)
         if state.get("done"):
             return None
         # shards past the recorded point were written after the progress file: they are made again
@@ -268,7 +364,37 @@ def prepare_out_dir(args):
                         "not record; pass --out_dir NEW_DIR, or --overwrite to delete them and write new ones")
     for f in existing + glob.glob(progress_path(args)):
         os.remove(f)
-    return {"next_shard": 0, "doc": 0, "offset": 0}
+    return {"next_shard": 0, "doc": 0, "offset": 0, "shards": {}}
+
+
+@contextlib.contextmanager
+def claim_out_dir(args):
+    """Make --out_dir and hold its lock while writing, so a second fineweb.py there stops with one line. If the
+    run fails before writing anything into a folder it made, the folder goes again."""
+    from common import UserError, lock_folder
+
+    global _lock_fd
+    made = not os.path.isdir(args.out_dir)
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        fd = _lock_fd = lock_folder(args.out_dir, LOCK_NAME, "pass another --out_dir")
+    except UserError as e:
+        raise DataError(str(e)) from None
+    except OSError as e:
+        raise DataError(f"cannot use --out_dir {args.out_dir} ({e.strerror or e}); pass a folder you can "
+                        "write to") from None
+    try:
+        yield
+    except BaseException:
+        left = set(os.listdir(args.out_dir)) - {LOCK_NAME, os.path.basename(progress_path(args))}
+        if made and not left:
+            for name in os.listdir(args.out_dir):
+                os.remove(os.path.join(args.out_dir, name))
+            os.rmdir(args.out_dir)
+        raise
+    finally:
+        os.close(fd)
+        _lock_fd = None
 
 
 # -----------------------------------------------------------------------------
@@ -304,6 +430,8 @@ def parse_args(argv=None):
         p.error(f"--remote_name for {args.dataset} is one of {', '.join(HUB_SAMPLES)}")
     if args.shard_size <= 0 or args.num_proc <= 0 or args.chunk_chars <= 0:
         p.error("--shard_size, --num_proc and --chunk_chars must be positive")
+    if args.shard_size >= 2 ** 31:
+        p.error(f"--shard_size {args.shard_size} is too large: a shard holds fewer than 2**31 tokens (llm.c's header)")
     return args
 
 
@@ -316,39 +444,55 @@ def main(argv=None):
         sys.exit(f"fineweb.py: error: could not load the GPT-2 tokenizer ({type(e).__name__}); connect once "
                  "to cache it, or set TIKTOKEN_CACHE_DIR to a folder holding its files")
     try:
-        state = prepare_out_dir(args)
-        if state is None:
-            print(f"{args.out_dir} is complete already (see {progress_path(args)}); nothing to do")
-            return
-        texts, what = load_documents(args, skip=state["doc"])
-        os.makedirs(args.out_dir, exist_ok=True)  # only now: a failed start leaves nothing behind
-        if state["next_shard"]:
-            print(f"continuing after shard {state['next_shard'] - 1}: document {state['doc']:,}, "
-                  f"token {state['offset']:,} of it")
-        writer = ShardWriter(args.out_dir, args.prefix, args.shard_size, args.format, state["next_shard"],
-                             state["doc"], lambda next_shard, doc, offset: save_progress(
-                                 args, next_shard=next_shard, doc=doc, offset=offset))
-        t1 = time.time()
-        # imap keeps the documents' order; each task is a batch of about chunk_chars characters
-        with mp.Pool(args.num_proc, initializer=init_worker) as pool:
-            for i, (tokens, lengths) in enumerate(pool.imap(tokenize_batch, batches(texts, args.chunk_chars))):
-                # the first document's first tokens may be in the last run's shards already
-                writer.add(tokens, lengths, skip=state["offset"] if i == 0 else 0)
-        writer.close()
+        with claim_out_dir(args):
+            writer, what, seconds = write_shards(args)
     except DataError as e:
         sys.exit(f"fineweb.py: error: {e}")
-    if writer.next_shard == 0:
-        sys.exit(f"fineweb.py: error: {what} holds no documents")
-    dt = time.time() - t1
-    summary = dict(documents=writer.doc, tokens=writer.tokens_written, shards=writer.next_shard,
-                   seconds=round(time.time() - t0, 1), tokens_per_second=round(writer.tokens_written / dt))
-    save_progress(args, next_shard=writer.next_shard, doc=writer.doc, offset=0, done=True, **summary)
+    if writer is None:
+        print(f"{args.out_dir} is complete already (see {progress_path(args)}); nothing to do")
+        return
     print(f"wrote {writer.next_shard} shards to {args.out_dir} (1 val, {writer.next_shard - 1} train): "
           f"{writer.doc:,} documents, {writer.tokens_written:,} tokens this run, "
-          f"{writer.tokens_written / dt / 1e6:.2f}M tokens/s tokenizing and writing, {time.time() - t0:.1f} s in all")
+          f"{writer.tokens_written / seconds / 1e6:.2f}M tokens/s tokenizing and writing, {time.time() - t0:.1f} s in all")
     if writer.next_shard == 1:
         print("warning: only the val shard was written; train_gpt2.py needs train shards too: "
               "use a smaller --shard_size")
+
+
+def write_shards(args):
+    """Tokenize the dataset into shards, from where the last run stopped. Returns (the ShardWriter, the
+    dataset's description, seconds spent), or (None, None, None) when the folder is complete already."""
+    state = prepare_out_dir(args)
+    if state is None:
+        return None, None, None
+    texts, what = load_documents(args, skip=state["doc"])
+    state.setdefault("shards", {})
+    save_progress(args, **state)  # before the first shard: every shard here is recorded as this script's
+    if state["next_shard"]:
+        print(f"continuing after shard {state['next_shard'] - 1}: document {state['doc']:,}, "
+              f"token {state['offset']:,} of it")
+
+    def on_shard(next_shard, doc, offset):
+        from common import file_fingerprint
+
+        path = shard_path(args.out_dir, args.prefix, next_shard - 1, args.format)
+        state["shards"][os.path.basename(path)] = file_fingerprint(path)
+        state.update(next_shard=next_shard, doc=doc, offset=offset)
+        save_progress(args, **state)
+
+    writer = ShardWriter(args.out_dir, args.prefix, args.shard_size, args.format, state["next_shard"],
+                         state["doc"], on_shard)
+    t1, skip = time.time(), state["offset"]
+    for i, (tokens, lengths) in enumerate(tokenized(texts, args)):
+        # the first document's first tokens may be in the last run's shards already
+        writer.add(tokens, lengths, skip=skip if i == 0 else 0)
+    writer.close()
+    if writer.next_shard == 0:
+        raise DataError(f"{what} holds no documents")
+    seconds = time.time() - t1
+    save_progress(args, **dict(state, done=True, documents=writer.doc, tokens=writer.tokens_written,
+                               shards_written=writer.next_shard, tokens_per_second=round(writer.tokens_written / seconds)))
+    return writer, what, seconds
 
 
 if __name__ == "__main__":

@@ -50,10 +50,25 @@ def download(split, cache_dir=None):
 
 
 def iterate_examples(split, cache_dir=None):
-    """Yield the examples of a split as dicts with `ctx`, `endings` (4) and `label`."""
-    with open(download(split, cache_dir)) as f:
-        for line in f:
-            yield json.loads(line)
+    """Yield the examples of a split as dicts with `ctx`, `endings` (4) and `label`. A damaged file (cut
+    short, empty, an error page saved in its place) is a one-line error that says to delete it."""
+    from common import UserError
+
+    path = download(split, cache_dir)
+    n = 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, start=1):
+            try:
+                example = json.loads(line)
+                if len(example["endings"]) != 4 or not isinstance(example["ctx"], str):
+                    raise ValueError("not a HellaSwag example")
+                example["label"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise UserError(f"{path} is damaged at line {n} ({type(e).__name__}); delete it, and it is "
+                                "downloaded again") from None
+            yield example
+    if n == 0:
+        raise UserError(f"{path} is empty; delete it, and it is downloaded again")
 
 
 def render_example(example):
@@ -222,7 +237,8 @@ def main(argv=None):
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
     autocast_ctx = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if dtype == "bf16" else None
     try:
-        download(args.split, args.cache_dir)  # the data first: it is the quicker thing to find missing
+        for _ in iterate_examples(args.split, args.cache_dir):  # the data first: quicker to find missing or damaged
+            pass
         model = load_model(args.model, device, args.compile)
         if world_size > 1:
             import torch.distributed as dist

@@ -8,10 +8,11 @@ folder with GPT-2's tokenizer files beside it, which transformers, lm-evaluation
 
 import json
 import os
+import shutil
 
 import torch
 
-from common import UserError, first_line
+from common import UserError, first_line, write_failure
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # transformers' GPT-2 keeps these four weights as (in, out) (its Conv1D), nn.Linear as (out, in)
@@ -59,8 +60,31 @@ def from_transformers(name_or_path):
 def export_to_transformers(model, out_dir, vocab_size=50257):
     """
     Write a GPT as a transformers GPT-2 directory (GPT2LMHeadModel.from_pretrained loads it), with the
-    embedding cut back to the tokenizer's `vocab_size` and GPT-2's tokenizer files beside it.
+    embedding cut back to the tokenizer's `vocab_size` and GPT-2's tokenizer files beside it. The folder is
+    written under a temporary name and renamed: it is complete or absent, and a failed export can be retried.
     """
+    from safetensors import SafetensorError
+
+    out_dir = os.path.normpath(out_dir)
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise UserError(f"{out_dir} is not empty; pass a new directory")
+    tmp = f"{out_dir}.{os.getpid()}.tmp"
+    try:
+        os.makedirs(tmp)
+        write_transformers_folder(model, tmp, vocab_size)
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)  # empty, as checked above
+        os.rename(tmp, out_dir)
+    except (OSError, RuntimeError, SafetensorError) as e:  # a full disk, a read-only folder
+        raise UserError(f"could not write {out_dir} ({write_failure(tmp, e)}); nothing was left behind: free some "
+                        "space or pick another folder, then rerun") from None
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+
+
+def write_transformers_folder(model, out_dir, vocab_size):
+    """The weights, config and tokenizer files of export_to_transformers, into an existing folder."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = model.config

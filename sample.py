@@ -15,6 +15,8 @@ import torch
 
 
 def main(argv=None):
+    from common import UserError, autodetect_device, finite_float, get_encoder
+
     p = argparse.ArgumentParser(description="Sample from a GPT-2 checkpoint.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-m", "--model", default="log/model_19072.pt",
@@ -22,15 +24,16 @@ def main(argv=None):
     p.add_argument("--prompt", default="Hello, I'm a language model,")
     p.add_argument("--num_samples", type=int, default=4)
     p.add_argument("--max_new_tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0, help="below 1: more likely tokens; above: more random")
+    p.add_argument("--temperature", type=finite_float, default=1.0, help="below 1: more likely tokens; above: more random")
     p.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     args = p.parse_args(argv)
-    if args.num_samples <= 0 or args.max_new_tokens <= 0 or args.temperature <= 0 or args.top_k < 0:
-        p.error("--num_samples, --max_new_tokens and --temperature must be positive, --top_k >= 0")
+    if args.num_samples <= 0 or args.max_new_tokens <= 0 or args.temperature <= 0 or args.top_k < 0 or args.seed < 0:
+        p.error("--num_samples, --max_new_tokens and --temperature must be positive, --top_k and --seed >= 0")
+    if not args.prompt:
+        p.error("--prompt is empty: give some text for the model to continue")
 
-    from common import UserError, autodetect_device, get_encoder
     from train_gpt2 import GPT, sample_text
 
     device = args.device or autodetect_device()

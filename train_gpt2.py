@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -31,9 +32,11 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
-from checkpoints import (append_log, check_resumable, find_resume_checkpoint, load_checkpoint, prepare_log_dir,
-                         restore_checkpoint, rotate_checkpoints, save_checkpoint, stop_signals_caught)
-from common import UserError, check_device_type, get_encoder, synchronize
+from checkpoints import (append_log, check_resumable, check_same_data, claim_log_dir, data_identity,
+                         find_resume_checkpoint, finished_at, load_checkpoint, prepare_log_dir, restore_checkpoint,
+                         rotate_checkpoints, save_checkpoint, stop_signals_caught)
+from common import (UserError, check_device_type, exit_when_another_rank_fails, exit_with_parent, finite_float,
+                    get_encoder, synchronize, tell_other_ranks)
 from fineweb import BIN_MAGIC, BIN_VERSION  # the shard writer's .bin header
 from hf_convert import from_transformers
 from speed import (COMPILE_MODES, SDPA_BACKENDS, DevicePrefetcher, SyntheticLoader, auto_micro_batch,
@@ -437,10 +440,22 @@ def sample_text(model, enc, prompt, num_samples, max_new_tokens, device, seed, t
 # Training: the loop first, then the phases it calls, in the order it calls them
 
 
-def train(args, stop_signals):
-    """The run; returns the exit code. A signal appended to stop_signals ends it at the next step, saved."""
+def train(args):
+    """The run; returns the exit code."""
     compute = compute_init(args)
-    run = setup_run(args, compute)
+    inputs = check_inputs(args, compute)
+    with claim_log_dir(args, holder=compute.master and not args.benchmark) as was_ours:
+        run = setup_run(args, compute, inputs, was_ours)
+        if run is None:  # nothing left to do
+            return 0
+        # from here on SIGTERM (preemption, torchrun shutting down) or Ctrl-C finish the step, save and exit
+        with stop_signals_caught() as stop_signals:
+            return train_loop(run, stop_signals)
+
+
+def train_loop(run, stop_signals):
+    """The loop; returns the exit code. A signal appended to stop_signals ends it at the next step, saved."""
+    args, compute = run.args, run.compute
     run.last_save = time.time()
     stop = timed = False  # a stop signal, a timed save: asked for during the step before, agreed by all ranks
     for step in range(run.start_step, args.max_steps):
@@ -469,6 +484,7 @@ def train(args, stop_signals):
         synchronize(compute.device_type)
         dt = time.time() - t0
         # --------------- TRAINING SECTION END -----------------
+        check_finite(run, step, loss, norm)
         report_step(run, step, loss, lr, norm, dt)
 
     if compute.master and args.benchmark:
@@ -512,6 +528,8 @@ def compute_init(args):
     device_type = check_device_type(args.device)
     if ddp and device_type == "mps":
         raise UserError("torchrun with several processes is not supported on MPS; run `python train_gpt2.py`")
+    if ddp:
+        exit_with_parent(f"rank {rank}")  # a kill -9 of torchrun must not leave this rank training
     device = f"cuda:{local_rank}" if device_type == "cuda" else device_type
     if device_type == "cuda":
         torch.cuda.set_device(device)
@@ -537,6 +555,7 @@ class Run:
     enc: object  # GPT-2's tokenizer, for the samples
     grad_accum_steps: int
     start_step: int
+    data_identity: dict = None  # what the loaders read, recorded in checkpoints
     log_file: str = None  # log.txt, on rank 0 (None elsewhere and with --benchmark)
     val_loss: float = None  # the latest, recorded in checkpoints
     last_save: float = 0.0  # time.time() of the latest checkpoint, for --save_every_minutes
@@ -548,9 +567,22 @@ class Run:
         append_log(self.log_file, line)
 
 
-def setup_run(args, compute):
-    """Check what the user gave (flags, data, checkpoint) before the slow process group and model start;
-    then build the model, the optimizer and the loaders, and resume from the checkpoint if there is one."""
+class Inputs(NamedTuple):
+    """What the user gave, checked: the micro-batch sizes to try, the loaders, the tokenizer, the model's
+    config, and the checkpoint to resume (None: a fresh start) with notes on what changed since."""
+    candidates: list
+    train_loader: object
+    val_loader: object
+    enc: object
+    config: GPTConfig
+    ckpt: dict
+    notes: list
+    data_identity: dict  # the shards' names, sizes and fingerprints, saved in checkpoints
+
+
+def check_inputs(args, compute):
+    """Every check of what the user gave (flags, data, tokenizer, checkpoint), reading only: nothing is
+    written before they all pass, and none of them waits for the other ranks."""
     candidates = micro_batch_sizes(args, compute)
     # with -B auto, the data is checked at the smallest candidate and the loaders made again once B is known
     train_loader, val_loader = make_loaders(args, compute, candidates[-1])
@@ -558,9 +590,23 @@ def setup_run(args, compute):
     config = GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer,
                        n_head=args.n_head, n_embd=args.n_embd, attention=args.attention, ce_chunk_rows=args.chunked_ce)
     ckpt = find_resume_checkpoint(args, "cpu")
-    notes = check_resumable(ckpt, config, args, compute.world_size) if ckpt else []
+    identity = data_identity({"train": train_loader, "val": val_loader})
+    notes = check_resumable(ckpt, config, args, compute.world_size) + check_same_data(ckpt, identity, args) \
+        if ckpt else []
+    return Inputs(candidates, train_loader, val_loader, enc, config, ckpt, notes, identity)
+
+
+def setup_run(args, compute, inputs, was_ours):
+    """With the inputs checked: the log, the process group, the model, the optimizer and the loaders, and
+    the resumed state if there is one. None when the run in --log_dir is finished already."""
+    candidates, train_loader, val_loader, enc, config, ckpt, notes, identity = inputs
     start_step = ckpt["step"] if ckpt else 0
-    log_file = prepare_log_dir(args, start_step if ckpt else None) if compute.master and not args.benchmark else None
+    if ckpt and args.resume == "auto" and (last := finished_at(args.log_dir, args.max_steps)) is not None:
+        compute.print0(f"{args.log_dir} holds a finished run (its log reaches step {last}, --max_steps is "
+                       f"{args.max_steps}); nothing to do. Pass a larger --max_steps to train on")
+        return None
+    log_file = (prepare_log_dir(args, ckpt and ckpt["path"], start_step if ckpt else None, was_ours)
+                if compute.master and not args.benchmark else None)
     init_distributed(compute, start_step)
 
     raw_model, model, optimizer = build_model(args, config, compute)
@@ -571,7 +617,7 @@ def setup_run(args, compute):
     # the loop reads batches through these: on the device, the next one already on its way
     train_batches = DevicePrefetcher(train_loader, compute.device, args.prefetch)
     val_batches = DevicePrefetcher(val_loader, compute.device, args.prefetch)
-    val_loss = restore_checkpoint(ckpt, raw_model, optimizer, train_batches, val_batches) if ckpt else None
+    val_loss = restore_checkpoint(ckpt, raw_model, optimizer, train_batches, val_batches, identity) if ckpt else None
     if compute.ddp:
         model = DDP(model, device_ids=[compute.local_rank] if compute.device_type == "cuda" else None)
     # HellaSwag batches vary in shape: a compiled graph of its own, with dynamic shapes, on the same weights
@@ -579,7 +625,7 @@ def setup_run(args, compute):
     run = Run(args, compute, raw_model, model, optimizer, train_batches, val_batches,
               hellaswag.Model(hidden, raw_model.lm_head, config.block_size), enc,
               grad_accum_steps=args.total_batch_size // (args.batch_size * args.seq_len * compute.world_size),
-              start_step=start_step, log_file=log_file, val_loss=val_loss,
+              start_step=start_step, log_file=log_file, val_loss=val_loss, data_identity=identity,
               flops_per_token=raw_model.flops_per_token(args.seq_len),
               peak_flops=device_peak_flops(compute.device_type, args.peak_tflops))
     describe_run(run, ckpt["path"] if ckpt else None, notes)
@@ -624,7 +670,8 @@ def load_eval_data(args):
         raise UserError(f"{e}; or pass --no-sample --no-hellaswag") from None
     try:
         if args.hellaswag:
-            hellaswag.download("val")
+            for _ in hellaswag.iterate_examples("val"):  # downloads it once; a damaged file fails here, not later
+                pass
     except UserError as e:
         raise UserError(f"{e}; or pass --no-hellaswag") from None
     return enc
@@ -635,6 +682,7 @@ def init_distributed(compute, start_step):
     if not compute.ddp:
         return
     dist.init_process_group(backend="nccl" if compute.device_type == "cuda" else "gloo")
+    exit_when_another_rank_fails(f"rank {compute.rank}")  # a rank failing alone must not leave the rest waiting
     steps = torch.tensor([start_step, -start_step], dtype=torch.float32, device=compute.device)
     dist.all_reduce(steps, op=dist.ReduceOp.MAX)
     if steps[0].item() != -steps[1].item():
@@ -710,7 +758,7 @@ def save(run, name, step):
     """{name}_{step}.pt in --log_dir, holding everything the next step depends on."""
     path = os.path.join(run.args.log_dir, f"{name}_{step:05d}.pt")
     save_checkpoint(path, run.raw_model, run.optimizer, step, run.val_loss, run.args, run.train_batches,
-                    run.val_batches, run.compute.world_size)
+                    run.val_batches, run.compute.world_size, run.data_identity)
     print(f"saved {path}")
     run.last_save = time.time()
     return path
@@ -792,6 +840,16 @@ def share_step_results(compute, loss_accum, stop, timed):
     return shared.tolist()
 
 
+def check_finite(run, step, loss, norm):
+    """Stop a diverged run here, on every rank alike (the loss is all-reduced, the norm the same everywhere),
+    before a non-finite state can be evaluated, saved, or rotate a healthy checkpoint out."""
+    norm = norm.item()
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise UserError(f"the run diverged at step {step} (loss {loss}, gradient norm {norm}) and stopped; nothing "
+                        f"from that step on was saved: lower --max_lr (now {run.args.max_lr}) or lengthen "
+                        "--warmup_steps, then rerun to resume from the last checkpoint")
+
+
 def report_step(run, step, loss, lr, norm, dt):
     """The step line on rank 0 (its `dt ...ms` field is what benchmark scripts parse), and log.txt's line."""
     run.step_times.append(dt)
@@ -825,6 +883,8 @@ def add_recipe_flags(p):
                    help="folder of *_train_* / *_val_* shards, .npy (build-nanogpt) or .bin (llm.c)")
     g.add_argument("--log_dir", default="log", help="log.txt and model_*.pt go here")
     g.add_argument("--overwrite", action="store_true", help="start over in a --log_dir that already holds a run")
+    g.add_argument("--new_data", action="store_true",
+                   help="resume onto other shards than the checkpoint's, read from their start (changes the run)")
     g.add_argument("--shuffle", action="store_true",
                    help="each epoch: shards and the documents in them in a seeded random order (changes the math)")
     g = p.add_argument_group("batch")
@@ -835,10 +895,10 @@ def add_recipe_flags(p):
     g = p.add_argument_group("optimization")
     g.add_argument("--max_steps", type=int, default=19073, help="10B tokens / 2**19 tokens per step")
     g.add_argument("--warmup_steps", type=int, default=715, help="375M tokens, as in GPT-3")
-    g.add_argument("--max_lr", type=float, default=6e-4, help="peak learning rate (GPT-3 Small's)")
-    g.add_argument("--min_lr_ratio", type=float, default=0.1, help="min_lr = max_lr * this")
-    g.add_argument("--weight_decay", type=float, default=0.1, help="AdamW decay of the 2-D tensors only")
-    g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm to this")
+    g.add_argument("--max_lr", type=finite_float, default=6e-4, help="peak learning rate (GPT-3 Small's)")
+    g.add_argument("--min_lr_ratio", type=finite_float, default=0.1, help="min_lr = max_lr * this")
+    g.add_argument("--weight_decay", type=finite_float, default=0.1, help="AdamW decay of the 2-D tensors only")
+    g.add_argument("--grad_clip", type=finite_float, default=1.0, help="clip the global gradient norm to this")
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval_every", type=int, default=250, help="val loss, HellaSwag and samples every N steps")
     g.add_argument("--val_steps", type=int, default=20, help="val batches per evaluation, per process")
@@ -857,7 +917,7 @@ def add_recipe_flags(p):
                         "or the path of a checkpoint")
     g.add_argument("--save_every", type=int, default=1000, help="resume checkpoint log/ckpt_{step}.pt every N "
                                                                  "steps (0: off)")
-    g.add_argument("--save_every_minutes", type=float, default=0, help="also every M minutes (0: off)")
+    g.add_argument("--save_every_minutes", type=finite_float, default=0, help="also every M minutes (0: off)")
     g.add_argument("--keep_last", type=int, default=2, help="how many ckpt_*.pt to keep (milestones always stay)")
     g = p.add_argument_group("model")
     g.add_argument("--n_layer", type=int, default=12, help="transformer blocks")
@@ -876,7 +936,7 @@ def add_system_flags(p):
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA)")
     g.add_argument("--compile_mode", default="default", choices=COMPILE_MODES, help="torch.compile's mode")
-    g.add_argument("--peak_tflops", type=float, default=None, help="device peak for MFU, if not in the table")
+    g.add_argument("--peak_tflops", type=finite_float, default=None, help="device peak for MFU, if not in the table")
     g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on CUDA")
     g.add_argument("--fused_adamw", action=argparse.BooleanOptionalAction, default=None,
                    help="the fused AdamW kernel (default: on for CUDA)")
@@ -919,6 +979,12 @@ def parse_args(argv=None):
         p.error(f"--warmup_steps {args.warmup_steps} must be below --max_steps {args.max_steps}")
     if args.max_lr <= 0 or not 0 <= args.min_lr_ratio <= 1:
         p.error("--max_lr must be positive and --min_lr_ratio within [0, 1]")
+    if args.weight_decay < 0 or args.grad_clip <= 0:
+        p.error("--weight_decay must be >= 0 and --grad_clip positive (a negative clip would turn the gradient around)")
+    if args.n_embd % args.n_head != 0:
+        p.error(f"--n_embd {args.n_embd} must be a multiple of --n_head {args.n_head}")
+    if args.seed < 0 or (args.peak_tflops is not None and args.peak_tflops <= 0):
+        p.error("--seed must be >= 0 and --peak_tflops positive")
     if args.hellaswag_limit is not None and args.hellaswag_limit <= 0:
         p.error("--hellaswag_limit must be positive")
     if args.hellaswag_batch_tokens < 0:
@@ -932,12 +998,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    # SIGTERM (preemption, torchrun shutting down) or Ctrl-C: finish the step, save, exit
-    with stop_signals_caught() as stop_signals:
-        try:
-            code = train(args, stop_signals)
-        except UserError as e:
-            sys.exit(f"train_gpt2.py: error: {e}")
+    try:
+        code = train(args)
+    except UserError as e:
+        if dist.is_initialized():
+            tell_other_ranks(str(e))
+        sys.exit(f"train_gpt2.py: error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C before training began: nothing to save
+        sys.exit("train_gpt2.py: interrupted before training began")
     sys.exit(code)
 
 

@@ -115,3 +115,24 @@ def read_log(path):
             step, kind, value = line.split()
             out.setdefault(kind, {})[int(step)] = float(value)
     return out
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """small_disk(size): a fresh tmpfs of that size (e.g. "2m"), unmounted after the test: a disk that fills up.
+    Mounting needs root (CI runs as root); elsewhere the test skips, saying so."""
+    mounts = []
+
+    def make(size):
+        path = tmp_path / f"disk{len(mounts)}"
+        path.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs for a full disk: {proc.stderr.strip() or 'mount failed'}")
+        mounts.append(path)
+        return path
+
+    yield make
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)

@@ -242,3 +242,66 @@ def test_bad_inputs_give_one_line_errors(tmp_path, enc):
     proc = run_script("fineweb.py", "--dataset", "fineweb", "--remote_name", "sample-1BT")
     assert_one_line_error(proc, "--remote_name for fineweb is one of sample-10BT, sample-100BT, sample-350BT")
     assert not os.path.exists(tmp_path / "o") or not os.listdir(tmp_path / "o")
+
+
+def children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def test_one_writer_per_folder_and_a_dead_tokenizer_process_stops_the_run(tmp_path, novels):
+    args = [sys.executable, os.path.join(REPO, "fineweb.py"), "--dataset", novels, "--shard_size", 40_000,
+            "--num_proc", 2, "--chunk_chars", 100_000, "--out_dir", tmp_path / "out"]
+    proc = subprocess.Popen([str(a) for a in args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not glob.glob(str(tmp_path / "out" / "edufineweb_train_*.npy")):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.005)
+    second = run_script(*map(str, args[1:]))
+    assert_one_line_error(second, f"{tmp_path / 'out'} is in use by pid {proc.pid} on ", "--out_dir")
+    # the OOM killer takes a tokenizer process: one line, within seconds, not a hang
+    workers = [pid for pid in children(proc.pid) if open(f"/proc/{pid}/cmdline").read().split("\0")[1:2] == [args[1]]]
+    assert len(workers) == 2, workers
+    os.kill(workers[0], 9)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in err, err[-2000:]
+    assert "a tokenizer process died" in err.strip().splitlines()[-1]
+    time.sleep(0.5)  # the other worker follows its parent out
+    assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")
+                and open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
+
+
+def test_every_kill_point_reruns_cleanly_and_a_lost_shard_is_found(tmp_path, docs):
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    argv = ["--dataset", str(path), "--shard_size", "500", "--num_proc", "1"]
+    fineweb.main(argv + ["--out_dir", str(tmp_path / "ref")])
+    reference = shard_files(tmp_path / "ref")
+    # killed between the first shard's rename and its progress record: the record made at the start is there
+    out = tmp_path / "out"
+    args = fineweb.parse_args(argv + ["--out_dir", str(out)])
+    os.makedirs(out)
+    fineweb.save_progress(args, next_shard=0, doc=0, offset=0, shards={})
+    (out / reference[0][0]).write_bytes(reference[0][1])
+    fineweb.main(argv + ["--out_dir", str(out)])
+    assert shard_files(out) == reference
+    # a finished folder that lost a shard, or had one changed, is not "complete"
+    os.remove(out / reference[2][0])
+    proc = run_script("fineweb.py", *argv, "--out_dir", out)
+    assert_one_line_error(proc, f"{reference[2][0]}, which this script wrote, is gone", "--overwrite")
+    (out / reference[2][0]).write_bytes(reference[3][1])
+    assert_one_line_error(run_script("fineweb.py", *argv, "--out_dir", out), "is changed")
+    (out / "edufineweb_progress.json").write_text('{"fingerprint": ')
+    assert_one_line_error(run_script("fineweb.py", *argv, "--out_dir", out), "progress.json is damaged")
+
+
+def test_bad_documents_and_an_empty_corpus_are_one_line_errors(tmp_path, enc):
+    (tmp_path / "null.jsonl").write_text('{"text": "fine"}\n{"text": null}\n')
+    proc = run_script("fineweb.py", "--dataset", tmp_path / "null.jsonl", "--out_dir", tmp_path / "a", "--streaming")
+    assert_one_line_error(proc, "row 1 has no text", "fix or drop that row")
+    (tmp_path / "bytes.txt").write_bytes(b"caf\xe9 au lait\n")  # latin-1, not UTF-8
+    proc = run_script("fineweb.py", "--dataset", tmp_path / "bytes.txt", "--out_dir", tmp_path / "b", "--streaming")
+    assert_one_line_error(proc, "bytes.txt")
+    (tmp_path / "empty.jsonl").write_text("")
+    proc = run_script("fineweb.py", "--dataset", tmp_path / "empty.jsonl", "--out_dir", tmp_path / "c", "--streaming")
+    assert_one_line_error(proc, "holds no documents")
+    assert not [p for p in "abc" if os.path.exists(tmp_path / p)]  # a failed start leaves no folder behind

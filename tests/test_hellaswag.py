@@ -176,3 +176,13 @@ def test_offline_download_names_url_and_path(tmp_path, monkeypatch, enc):
         hellaswag.main(["-m", "gpt2", "--cache_dir", str(tmp_path)])
     assert str(e.value).startswith("hellaswag.py: error: could not download " + url)
     assert f"place it at {path}" in str(e.value)
+
+
+def test_a_damaged_cache_file_is_one_line_naming_it(tmp_path, hellaswag_dir):
+    good = open(os.path.join(hellaswag_dir, "hellaswag_val.jsonl")).read()
+    for name, text, reason in [("truncated", good[:5000], "is damaged at line 14"), ("empty", "", "is empty"),
+                               ("html", "<html><body>rate limited</body></html>\n", "is damaged at line 1")]:
+        os.makedirs(tmp_path / name)
+        (tmp_path / name / "hellaswag_val.jsonl").write_text(text)
+        proc = run_script("hellaswag.py", "-m", "gpt2", "--cache_dir", tmp_path / name)
+        assert_one_line_error(proc, f"{tmp_path / name / 'hellaswag_val.jsonl'} {reason}", "delete it")

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO, TINY_MODEL, read_log, run, run_script
@@ -235,7 +236,12 @@ def test_mismatches_and_bad_checkpoints_are_clear(reference, small_shards, tmp_p
     assert "holds weights only" in run_main(*args, "--resume", weights)
     assert log_bytes(log_dir) == log_bytes(reference[1])  # none of that touched the run
 
-    # a truncated newest checkpoint: auto falls back to the one before and still ends identical
+    # a truncated newest checkpoint: auto falls back to the one before and still ends identical (the run
+    # was killed during its last step, so it is not finished: its log stops before step 15's train line)
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        lines = [line for line in f if not line.startswith("15 ")]
+    with open(os.path.join(log_dir, "log.txt"), "w") as f:
+        f.writelines(lines)
     newest = sorted(glob.glob(os.path.join(log_dir, "*.pt")), key=lambda p: p[-8:])[-1]
     assert newest.endswith("model_00015.pt")
     with open(newest, "r+b") as f:
@@ -273,7 +279,7 @@ def test_checkpoint_contents_rotation_and_timed_saves(small_shards, tmp_path, he
                                                     "--save_every_minutes", 1e-6]))
     names = sorted(os.listdir(log_dir))
     # every step saved (timed), the older resume points rotated away, milestones 8 and 15 kept
-    assert names == ["ckpt_00013.pt", "ckpt_00014.pt", "log.txt", "model_00008.pt", "model_00015.pt"]
+    assert names == ["ckpt_00013.pt", "ckpt_00014.pt", "log.txt", "model_00008.pt", "model_00015.pt", "train_gpt2.lock"]
     ckpt = torch.load(os.path.join(log_dir, "ckpt_00014.pt"), weights_only=True)
     assert {"model", "optimizer", "config", "step", "val_loss", "args", "world_size", "data", "rng"} <= set(ckpt)
     assert ckpt["step"] == 14 and ckpt["world_size"] == 1 and ckpt["args"]["batch_size"] == 4
@@ -285,3 +291,199 @@ def test_checkpoint_contents_rotation_and_timed_saves(small_shards, tmp_path, he
     open(os.path.join(log_dir, "ckpt_00099.pt"), "wb").close()
     checkpoints.rotate_checkpoints(log_dir, 1, 14)
     assert sorted(n for n in os.listdir(log_dir) if n.startswith("ckpt_")) == ["ckpt_00014.pt", "ckpt_00099.pt"]
+
+
+# -----------------------------------------------------------------------------
+# What a run owns, and the faults it survives without losing anything
+
+
+def test_a_second_run_in_the_same_folder_refuses(reference, small_shards, tmp_path):
+    log_dir = str(tmp_path / "log")
+    args = train_args(small_shards, log_dir)
+    first = start(args)
+    wait_until(first, logged(log_dir, "1 train"))
+    second = run(command(args))
+    assert second.returncode != 0 and "Traceback" not in second.stderr
+    last = second.stderr.strip().splitlines()[-1]
+    assert f"{log_dir} is in use by pid {first.pid} on " in last and "--log_dir" in last
+    assert first.wait(timeout=300) == 0
+    assert log_bytes(log_dir) == log_bytes(reference[1])  # the first run never noticed
+
+
+def test_kill9_of_the_launcher_alone_then_an_immediate_rerun(reference, small_shards, tmp_path):
+    """torchrun's ranks live in sessions of their own: killing only the launcher used to leave them training
+    (and racing a rerun). They now exit with it, so the rerun finds the folder free and resumes exactly."""
+    log_dir = str(tmp_path / "log")
+    args = train_args(small_shards, log_dir)
+    proc = start(args, nproc=2)
+    wait_until(proc, logged(log_dir, f"{random.Random().randint(4, STEPS - 3)} train"))
+    ranks = descendants(proc.pid)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    stdout = finish(args, nproc=2)
+    assert "resuming at step" in stdout
+    assert log_bytes(log_dir) == log_bytes(reference[2])
+    assert not [pid for pid in ranks if os.path.exists(f"/proc/{pid}")
+                and open(f"/proc/{pid}/stat").read().split()[2] != "Z"]
+
+
+def test_only_the_runs_own_files_are_touched(reference, small_shards, tmp_path, capsys):
+    args = lambda log_dir, *extra: [*train_args(small_shards, log_dir), *extra]  # noqa: E731
+    # a folder of the user's: their log.txt is refused, their other files are never deleted
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "log.txt").write_text("my notes\n")
+    (mine / "draft.tmp").write_text("half a thought")
+    assert "log.txt was not written by train_gpt2.py" in run_main(*args(mine))
+    (mine / "log.txt").unlink()
+    finish(args(mine))
+    assert (mine / "draft.tmp").read_text() == "half a thought"
+    assert log_bytes(mine) == log_bytes(reference[1])
+
+    # a finished run is left as it is: rerun, rerun with fewer steps, or another run's checkpoint into it
+    done = str(tmp_path / "done")
+    shutil.copytree(reference[1], done)
+    contents = lambda: {name: open(os.path.join(done, name), "rb").read() for name in os.listdir(done)  # noqa: E731
+                        if name != "train_gpt2.lock"}  # the lock file names its latest holder
+    before = contents()
+    capsys.readouterr()
+    assert run_main(*args(done)) == 0
+    assert "holds a finished run (its log reaches step 15, --max_steps is 16); nothing to do" in capsys.readouterr().out
+    assert run_main(*args(done, "--max_steps", 10)) == 0
+    other = os.path.join(str(mine), "ckpt_00012.pt")
+    msg = run_main(*args(done, "--resume", other))
+    assert "already holds a run" in msg and "resume it into a new --log_dir" in msg
+    assert contents() == before
+
+
+def test_a_torn_log_line_is_dropped_on_resume(reference, small_shards, tmp_path):
+    """A crash or a full disk mid-append leaves a line without its newline; the resume must not continue it
+    (it once made `1150 train ...` out of a torn "1" and step 150's line)."""
+    log_dir = str(tmp_path / "log")
+    args = train_args(small_shards, log_dir)
+    proc = start(args)
+    wait_until(proc, logged(log_dir, "10 train"))
+    kill9(proc)
+    with open(os.path.join(log_dir, "log.txt"), "a") as f:
+        f.write("1")
+    finish(args)
+    assert log_bytes(log_dir) == log_bytes(reference[1])
+
+
+def test_a_full_disk_stops_with_one_line_and_leaves_nothing_half_written(small_shards, small_disk, tmp_path,
+                                                                          hellaswag_dir):
+    # a checkpoint that does not fit: torch's zip writer fails with a RuntimeError, reported as one line
+    log_dir = small_disk("2m")
+    proc = run(command(train_args(small_shards, log_dir)))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "could not write checkpoint" in last and "ckpt_00003.pt" in last and "bytes free there" in last
+    assert sorted(os.listdir(log_dir)) == ["log.txt", "train_gpt2.lock"]
+    assert read_log(os.path.join(log_dir, "log.txt"))["train"].keys() == {0, 1, 2}
+
+    # a log line that does not fit: one line, and the resume after it continues cleanly
+    log_dir = small_disk("1m")
+    with open(log_dir / "filler", "wb") as f:  # one 4 KiB page left: the lock's; log.txt's first line has none
+        f.write(b"x" * (2 ** 20 - 4096))
+    proc = run(command(train_args(small_shards, log_dir)))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "could not append to" in proc.stderr.strip().splitlines()[-1]
+
+    # an export that does not fit: no folder left behind, and a retry elsewhere works
+    ckpt = tmp_path / "model.pt"
+    model = train_gpt2.GPT(train_gpt2.GPTConfig(block_size=64, vocab_size=50304, n_layer=2, n_head=2, n_embd=64))
+    checkpoints.atomic_torch_save({"model": model.state_dict(), "config": vars(model.config), "step": 1}, str(ckpt))
+    out_disk = small_disk("1m")
+    proc = run_script("export.py", ckpt, out_disk / "exported")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "could not write" in proc.stderr.strip().splitlines()[-1] and os.listdir(out_disk) == []
+    assert run_script("export.py", ckpt, tmp_path / "exported").returncode == 0
+
+
+def test_a_diverging_run_stops_at_the_first_non_finite_step(small_shards, tmp_path, hellaswag_dir):
+    log_dir = tmp_path / "log"
+    proc = run(command(train_args(small_shards, log_dir, extra=["--max_lr", 1e12, "--save_every", 1])))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "the run diverged at step" in last and "--max_lr (now 1000000000000.0)" in last
+    step = int(last.split("at step ")[1].split()[0])
+    log = read_log(log_dir / "log.txt")
+    assert max(log["train"]) == step - 1 and all(v == v for v in log["train"].values())  # no NaN logged
+    saved = glob.glob(str(log_dir / "*.pt"))
+    assert saved  # the resume points before the divergence are kept, and every one of them is finite
+    for path in saved:
+        ckpt = torch.load(path, weights_only=True)
+        assert ckpt["step"] <= step and all(torch.isfinite(t).all() for t in ckpt["model"].values()), path
+
+
+def test_resuming_onto_changed_data_or_a_damaged_checkpoint(reference, small_shards, tmp_path, capsys):
+    data, log_dir = str(tmp_path / "shards"), str(tmp_path / "log")
+    shutil.copytree(small_shards, data)
+    args = train_args(data, log_dir)
+    proc = start(args)
+    wait_until(proc, lambda: os.path.exists(os.path.join(log_dir, "ckpt_00009.pt")))
+    kill9(proc)
+
+    # a damaged newest checkpoint, whatever the damage, is skipped for the one before
+    newest = os.path.join(log_dir, "ckpt_00009.pt")
+    good = open(newest, "rb").read()
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x01  # one bit, inside the weights
+    for damage in (bytes(flipped), b"this is not a checkpoint\n"):
+        with open(newest, "wb") as f:
+            f.write(damage)
+        with pytest.raises(checkpoints.UserError, match="ckpt_00009.pt is (corrupt|not a readable)"):
+            checkpoints.load_checkpoint(newest)
+    # a shard replaced by other tokens of the same size and name: refused, unless --new_data says so
+    shard = sorted(glob.glob(os.path.join(data, "*_train_*.npy")))[1]
+    np.save(shard, np.load(shard)[::-1])
+    msg = run_main(*args)
+    assert "the checkpoint was trained on other data: its train shards differ" in msg and "--new_data" in msg
+    assert "warning: skipping" in capsys.readouterr().out  # the text-overwritten ckpt_00009.pt on the way
+    other = str(tmp_path / "other")
+    shutil.copytree(log_dir, other)
+    assert "note: --new_data: its train shards differ" in finish(train_args(data, other, extra=["--new_data"]))
+
+    shutil.copy(os.path.join(small_shards, os.path.basename(shard)), shard)  # the data as it was
+    finish(args)
+    assert log_bytes(log_dir) == log_bytes(reference[1])  # resumed from ckpt_00006.pt, exactly
+
+
+def test_an_error_on_rank_0_alone_ends_every_rank_within_seconds(small_shards, small_disk, tmp_path, hellaswag_dir):
+    from common import lock_folder
+
+    # before the process group: rank 0 finds the folder taken (here, by this test); rank 1 was waiting for it
+    log_dir = tmp_path / "taken"
+    log_dir.mkdir()
+    fd = lock_folder(str(log_dir), "train_gpt2.lock", "")
+    started = time.time()
+    proc = run(command(train_args(small_shards, log_dir), nproc=2))
+    os.close(fd)
+    assert proc.returncode != 0 and time.time() - started < 25, proc.stderr[-2000:]
+    assert f"train_gpt2.py: error: {log_dir} is in use by pid {os.getpid()}" in proc.stderr
+
+    # after it: rank 0's log append finds the disk full while rank 1 waits in a collective
+    log_dir = small_disk("1m")
+    with open(log_dir / "filler", "wb") as f:
+        f.write(b"x" * (2 ** 20 - 4096))
+    started = time.time()
+    proc = run(command(train_args(small_shards, log_dir), nproc=2))
+    assert proc.returncode != 0 and time.time() - started < 25, proc.stderr[-2000:]
+    assert "rank 1: stopping, another rank failed: could not append to" in proc.stderr
+
+
+def test_an_unusable_log_dir_is_one_line(small_shards, tmp_path, hellaswag_dir):
+    (tmp_path / "a_file").write_text("not a folder")
+    proc = run(command(train_args(small_shards, tmp_path / "a_file")))
+    assert "Traceback" not in proc.stderr and "cannot use --log_dir" in proc.stderr.strip().splitlines()[-1]
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    subprocess.run(["mount", "--bind", "-o", "ro", str(read_only), str(read_only)], capture_output=True)
+    if os.access(read_only, os.W_OK) and not os.path.ismount(read_only):
+        pytest.skip("cannot make a read-only folder here (a read-only bind mount needs root)")
+    try:
+        proc = run(command(train_args(small_shards, read_only / "log")))
+        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert "cannot use --log_dir" in proc.stderr.strip().splitlines()[-1] and "Read-only" in proc.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(read_only)], capture_output=True)

@@ -43,7 +43,7 @@ def test_training_learns_and_logs_in_build_nanogpt_format(shakespeare_run):
 
 def test_checkpoints_hold_model_config_step_and_val_loss(shakespeare_run):
     log_dir, _ = shakespeare_run
-    assert sorted(os.listdir(log_dir)) == ["log.txt", "model_00050.pt", "model_00099.pt"]
+    assert sorted(os.listdir(log_dir)) == ["log.txt", "model_00050.pt", "model_00099.pt", "train_gpt2.lock"]
     ckpt = torch.load(os.path.join(log_dir, "model_00099.pt"), map_location="cpu", weights_only=True)
     assert ckpt["step"] == 99 and ckpt["config"] == dict(block_size=64, vocab_size=50304, n_layer=2, n_head=2,
                                                          n_embd=64)
@@ -144,6 +144,29 @@ def test_bad_inputs_give_one_line_errors(tmp_path, shakespeare_shards, capsys):
     assert "no readable checkpoint among the 1 in" in msg and "--resume none --overwrite" in msg
     assert (tmp_path / "log" / "model_05000.pt").read_bytes() == b"precious"
     assert (tmp_path / "log" / "log.txt").read_text() == "0 train 10.0\n"
+
+
+def test_flag_values_are_checked_before_anything_is_written(tmp_path, shakespeare_shards, capsys):
+    import sample
+
+    base = ["--data_dir", shakespeare_shards, "--log_dir", tmp_path / "log", *TINY_MODEL, "-T", 32, "--no-hellaswag"]
+    bad = {("--max_lr", "nan"): "expected a finite number, got 'nan'",
+           ("--max_lr", "inf"): "expected a finite number, got 'inf'",
+           ("--min_lr_ratio", "nan"): "expected a finite number",
+           ("--save_every_minutes", "inf"): "expected a finite number",
+           ("--grad_clip", "-1"): "--grad_clip positive",
+           ("--weight_decay", "-0.1"): "--weight_decay must be >= 0",
+           ("--seed", "-1"): "--seed must be >= 0",
+           ("--n_head", "3"): "--n_embd 64 must be a multiple of --n_head 3"}
+    for flag, reason in bad.items():
+        assert run_main(*base, *flag) == "2", flag  # argparse's exit status
+        assert reason in capsys.readouterr().err.strip().splitlines()[-1], flag
+    assert not os.path.exists(tmp_path / "log")
+    for flag, reason in {("--temperature", "nan"): "expected a finite number",
+                         ("--prompt", ""): "--prompt is empty"}.items():
+        with pytest.raises(SystemExit) as e:
+            sample.main(["-m", str(tmp_path / "model.pt"), *flag])
+        assert e.value.code == 2 and reason in capsys.readouterr().err.strip().splitlines()[-1], flag
 
 
 def test_missing_hellaswag_offline_and_corrupt_shard_in_a_real_process(tmp_path, shakespeare_shards, enc):
