@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(REPO), "shared", "data")
+# ../shared/data beside the checkout; GPT2_SHARED_DATA points elsewhere (the GPU machine, where it travels
+# inside the working tree: see benchmarks/gpu.sh)
+SHARED = os.environ.get("GPT2_SHARED_DATA") or os.path.join(os.path.dirname(REPO), "shared", "data")
 sys.path.insert(0, REPO)
 
 # hub lookups would retry for ~25 s before failing; tests never need the hub
@@ -23,6 +25,10 @@ if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))
 
 TINY_MODEL = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64"]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); run with `pytest -m cuda`")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Everything the CUDA path needs proven and measured, in stages that each fit in a 10-minute command.
+#
+#   bash benchmarks/gpu.sh prepare     # HERE, with ../shared beside the repo: fills .gpu/ (git-ignored):
+#                                      # tokenizer cache, HellaSwag val, build-nanogpt and its side-by-side
+#   bash benchmarks/gpu.sh tests       # THERE (the GPU machine, .gpu/ carried along): the CUDA test group
+#   bash benchmarks/gpu.sh speed       # --benchmark of the default 124M recipe, -B auto, chunked CE, cuDNN
+#                                      # attention, compile modes, then the speed ladder
+#   bash benchmarks/gpu.sh eval        # HellaSwag: all 10,042 val examples, 124M, bf16, compiled
+#   bash benchmarks/gpu.sh side        # build-nanogpt's own script against this one, same shards
+#
+# Logs go to $OUT (or gpu_results/), one file per stage, and a line per measurement to summary.txt.
+# The GPU machine has no network and no `datasets`: everything it reads comes from .gpu/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+STAGE=${1:?usage: bash benchmarks/gpu.sh prepare|tests|speed|eval|side}
+OUT=${OUT:-gpu_results}
+mkdir -p "$OUT"
+export GPT2_SHARED_DATA=$PWD/.gpu/data TIKTOKEN_CACHE_DIR=$PWD/.gpu/data/tiktoken_cache
+export HELLASWAG_CACHE_DIR=$PWD/.gpu/hellaswag HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+note() { echo "$*" | tee -a "$OUT/summary.txt"; }
+
+prepare() {
+    local shared=../shared/data
+    rm -rf .gpu && mkdir -p .gpu/data/hellaswag .gpu/hellaswag
+    cp -r "$shared/tiktoken_cache" .gpu/data/
+    cp "$shared/hellaswag/hellaswag_val_preprocessed.jsonl" .gpu/data/hellaswag/
+    cp "$shared/hellaswag/hellaswag_val_preprocessed.jsonl" .gpu/hellaswag/hellaswag_val.jsonl
+    cp -r ../shared/bench ../shared/reference .gpu/
+    du -sh .gpu  # it travels with `carry: [".gpu"]`, within the 64 MiB the working tree may take
+}
+
+bench() {  # bench NAME FLAGS...: one --benchmark run of GPT-2 124M, B=64, T=1024, 0.5M-token steps
+    local name=$1; shift
+    local line
+    line=$($PY train_gpt2.py --benchmark --max_steps 30 "$@" 2>&1 | tee -a "$OUT/speed.log" | grep '^benchmark:')
+    note "$name: ${line:-FAILED (see speed.log)}"
+}
+
+case "$STAGE" in
+    prepare) prepare ;;
+    tests)
+        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$OUT/summary.txt"
+        $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/summary.txt"
+        $PY -m pytest -q -rs -m cuda tests/test_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -3
+        note "cuda tests: $(tail -1 "$OUT/tests.log")" ;;
+    speed)
+        : > "$OUT/speed.log"
+        bench "default (B=64)"
+        bench "-B auto" -B auto
+        bench "--chunked_ce 8192" --chunked_ce 8192
+        bench "--sdpa_backend cudnn" --sdpa_backend cudnn
+        bench "--compile_mode max-autotune-no-cudagraphs" --compile_mode max-autotune-no-cudagraphs
+        timeout 420 $PY benchmarks/ladder.py 2>&1 | tee "$OUT/ladder.log" | tail -16 ;;
+    eval)
+        timeout 580 $PY benchmarks/eval_speed.py --size 124M --limit 0 --device cuda --dtype bf16 --compile \
+            2>&1 | tee "$OUT/eval.log" | tail -8 ;;
+    side)
+        timeout 580 bash .gpu/bench/gpu_side_by_side.sh 40 2>&1 | tee "$OUT/side.log" | tail -5
+        note "side by side: $(tail -1 "$OUT/side.log")" ;;
+    *) echo "unknown stage $STAGE"; exit 2 ;;
+esac

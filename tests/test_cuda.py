@@ -1,0 +1,178 @@
+"""
+The CUDA paths: bf16 autocast, compile (HellaSwag's dynamic-shape graph too), fused AdamW, NCCL, pinned
+prefetching, the SDPA kernels, -B auto's out-of-memory search, the chunked loss in bf16, CUDA RNG state
+in checkpoints, and export from a GPU-trained checkpoint. Small models; skipped without a CUDA GPU.
+
+    python -m pytest -q -m cuda tests/test_cuda.py      # on a GPU machine (benchmarks/gpu.sh runs it)
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO, TINY_MODEL, read_log, run, run_script, write_shards
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here (see benchmarks/gpu.sh)")]
+
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def cuda_shards(tmp_path_factory):
+    """Shards whose token at offset j is (1000 * shard + j) % 50000: a pattern a small model learns fast."""
+    root = str(tmp_path_factory.mktemp("cuda_shards"))
+    write_shards(root, [40_000], split="val", first_index=0)
+    write_shards(root, [60_000, 60_000], split="train", first_index=1)
+    return root
+
+
+def train_args(data_dir, log_dir, *extra):
+    """CUDA's defaults (bf16, compile, fused AdamW, TF32, prefetch), a tiny GPT, 2 accumulation steps."""
+    return [os.path.join(REPO, "train_gpt2.py"), "--data_dir", data_dir, "--log_dir", log_dir, *TINY_MODEL,
+            "-B", 8, "-T", 64, "--total_batch_size", 1024, "--max_steps", STEPS, "--warmup_steps", 2,
+            "--max_lr", 3e-3, "--eval_every", 10, "--val_steps", 2, "--hellaswag_limit", 40, "--save_every", 5,
+            "--checkpoint_every", 10, *extra]
+
+
+def python(args):
+    return [sys.executable, *map(str, args)]
+
+
+@pytest.fixture(scope="module")
+def cuda_run(tmp_path_factory, cuda_shards, hellaswag_dir):
+    """One uninterrupted run: (log dir, stdout)."""
+    log_dir = str(tmp_path_factory.mktemp("cuda_run") / "log")
+    proc = run(python(train_args(cuda_shards, log_dir)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return log_dir, proc.stdout
+
+
+def test_default_path_trains_evaluates_and_samples(cuda_run):
+    log_dir, out = cuda_run
+    assert "device cuda:0 | dtype bf16 | compile True (default)" in out and "fused AdamW True" in out
+    assert "HellaSwag accuracy: " in out and "sample 0: Hello, I'm a language model," in out
+    log = read_log(os.path.join(log_dir, "log.txt"))
+    assert sorted(log["val"]) == [0, 10, STEPS - 1] and sorted(log["hella"]) == [0, 10, STEPS - 1]
+    assert log["val"][STEPS - 1] < log["val"][0] - 1.0  # it learns
+
+
+def test_sigterm_then_resume_continues_the_run(cuda_run, cuda_shards, tmp_path):
+    """Losses after the resume equal the uninterrupted run's to 0.02 (bf16 and compiled kernels need not be
+    bitwise repeatable); the data position is exact."""
+    log_dir = str(tmp_path / "log")
+    args = python(train_args(cuda_shards, log_dir))
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    log_file = os.path.join(log_dir, "log.txt")
+    deadline = time.time() + 300
+    while not (os.path.exists(log_file) and any(line.startswith("12 train") for line in open(log_file))):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    resumed = run(args)
+    assert resumed.returncode == 0 and "resuming at step" in resumed.stdout, resumed.stderr[-3000:]
+    got, want = read_log(log_file), read_log(os.path.join(cuda_run[0], "log.txt"))
+    assert {k: sorted(v) for k, v in got.items()} == {k: sorted(v) for k, v in want.items()}
+    for step, value in want["train"].items():
+        assert got["train"][step] == pytest.approx(value, abs=0.02), step
+    ours, theirs = (torch.load(os.path.join(d, "ckpt_00015.pt"), weights_only=True) for d in (log_dir, cuda_run[0]))
+    assert ours["data"] == theirs["data"] and "cuda" in ours["rng"]
+
+
+def test_torchrun_one_process_with_nccl(cuda_shards, tmp_path, hellaswag_dir):
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                *map(str, train_args(cuda_shards, tmp_path / "log", "--max_steps", 6))])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "processes 1" in proc.stdout and len(read_log(tmp_path / "log" / "log.txt")["train"]) == 6
+
+
+def test_batch_auto_backs_off_from_a_real_out_of_memory(tmp_path):
+    """GPT-2 124M at T=1024: -B 512 cannot fit in any single GPU's memory; -B auto must step down to one that does."""
+    proc = run_script("train_gpt2.py", "--benchmark", "--max_steps", 2, "--warmup_steps", 1, "-B", "auto",
+                      "--no-compile", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("total batch 524,288 tokens = "))
+    B = int(line.split(" = ")[1].split(" x ")[0])
+    assert 1 <= B < 512, line
+
+
+def tiny_gpt(**changes):
+    from train_gpt2 import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=128, vocab_size=50304, n_layer=2, n_head=2, n_embd=64, **changes)).cuda()
+
+
+def test_chunked_cross_entropy_in_bf16():
+    plain, chunked = tiny_gpt(), tiny_gpt(ce_chunk_rows=100)
+    chunked.load_state_dict(plain.state_dict())
+    idx, targets = (torch.randint(0, 50257, (4, 128), device="cuda") for _ in range(2))
+    results = []
+    for model in (plain, chunked):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            _, loss = model(idx, targets)
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.float() for n, p in model.named_parameters()}))
+    (loss, grads), (chunked_loss, chunked_grads) = results
+    assert chunked_loss == pytest.approx(loss, abs=1e-2)
+    for name, g in grads.items():
+        assert torch.allclose(chunked_grads[name], g, atol=2e-2 * g.abs().max().item()), name
+
+
+@pytest.mark.parametrize("backend", ["flash", "cudnn", "efficient", "math"])
+def test_each_sdpa_backend_gives_the_same_logits(backend):
+    from speed import select_sdpa_backend
+
+    model = tiny_gpt().eval()
+    idx = torch.randint(0, 50257, (4, 128), device="cuda")
+    try:
+        outputs = []
+        for name in ("math", backend):
+            select_sdpa_backend(name, "cuda")
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+                outputs.append(model(idx)[0].float())
+    finally:
+        for kind in ("flash", "mem_efficient", "math", "cudnn"):
+            getattr(torch.backends.cuda, f"enable_{kind}_sdp")(True)
+    want, got = outputs
+    assert (got - want).abs().max().item() < 3e-2 * want.abs().max().item(), backend
+
+
+def test_kv_cache_on_cuda():
+    model = tiny_gpt().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    seq = torch.randint(0, 50257, (2, 100), device="cuda")
+    caches = [{} for _ in model.transformer.h]
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        model.hidden_states(seq[:, :60], caches)
+        got = torch.cat([model.hidden_states(seq[:, t:t + 1], caches) for t in range(60, 100)], 1).float()
+        want = model.hidden_states(seq)[:, 60:].float()
+    assert (got - want).abs().max().item() < 3e-2 * want.abs().max().item()
+    idx = seq[:, :7]  # fp32: the sampled tokens themselves match
+    runs = [model.generate(idx, 40, top_k=1, generator=torch.Generator("cuda").manual_seed(5), use_cache=c)
+            for c in (True, False)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_export_of_a_gpu_trained_checkpoint(cuda_run, tmp_path):
+    from transformers import GPT2LMHeadModel
+
+    from train_gpt2 import GPT
+
+    ckpt = os.path.join(cuda_run[0], f"model_{STEPS - 1:05d}.pt")
+    proc = run_script("export.py", ckpt, tmp_path / "exported")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "exported").eval()
+    ours = GPT.from_pretrained(ckpt).eval()
+    idx = torch.randint(0, 50257, (2, 64))
+    with torch.no_grad():
+        assert (hf(idx).logits - ours(idx)[0][..., :50257]).abs().max().item() < 1e-4
+
