@@ -170,11 +170,14 @@ def exit_when_another_rank_fails(what):
     import time
 
     def watch():
-        store = _rendezvous_store()
-        while not store.check([RANK_ERROR_KEY]) or _told_others:
-            time.sleep(0.5)
-        print(f"{what}: stopping, another rank failed: {store.get(RANK_ERROR_KEY).decode()}", file=sys.stderr,
-              flush=True)
+        try:
+            store = _rendezvous_store()
+            while not store.check([RANK_ERROR_KEY]) or _told_others:
+                time.sleep(0.5)
+            message = store.get(RANK_ERROR_KEY).decode()
+        except Exception:  # no store to watch (not started by torchrun), or it is gone: torchrun ends the ranks
+            return
+        print(f"{what}: stopping, another rank failed: {message}", file=sys.stderr, flush=True)
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="exit_when_another_rank_fails").start()
