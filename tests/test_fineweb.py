@@ -295,13 +295,15 @@ def test_every_kill_point_reruns_cleanly_and_a_lost_shard_is_found(tmp_path, doc
 
 
 def test_bad_documents_and_an_empty_corpus_are_one_line_errors(tmp_path, enc):
-    (tmp_path / "null.jsonl").write_text('{"text": "fine"}\n{"text": null}\n')
-    proc = run_script("fineweb.py", "--dataset", tmp_path / "null.jsonl", "--out_dir", tmp_path / "a", "--streaming")
-    assert_one_line_error(proc, "row 1 has no text", "fix or drop that row")
-    (tmp_path / "bytes.txt").write_bytes(b"caf\xe9 au lait\n")  # latin-1, not UTF-8
-    proc = run_script("fineweb.py", "--dataset", tmp_path / "bytes.txt", "--out_dir", tmp_path / "b", "--streaming")
-    assert_one_line_error(proc, "bytes.txt")
-    (tmp_path / "empty.jsonl").write_text("")
-    proc = run_script("fineweb.py", "--dataset", tmp_path / "empty.jsonl", "--out_dir", tmp_path / "c", "--streaming")
-    assert_one_line_error(proc, "holds no documents")
-    assert not [p for p in "abc" if os.path.exists(tmp_path / p)]  # a failed start leaves no folder behind
+    def error(name, content):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(SystemExit) as e:
+            fineweb.main(["--dataset", str(tmp_path / name), "--out_dir", str(tmp_path / "out"), "--streaming",
+                          "--num_proc", "1"])
+        assert str(e.value).startswith("fineweb.py: error: ") and "\n" not in str(e.value)
+        assert not os.path.exists(tmp_path / "out")  # a failed start leaves no folder behind
+        return str(e.value)
+
+    assert "row 1 has no text" in error("null.jsonl", b'{"text": "fine"}\n{"text": null}\n')
+    assert "bytes.txt" in error("bytes.txt", b"caf\xe9 au lait\n")  # latin-1, not UTF-8
+    assert "holds no documents" in error("empty.jsonl", b"")

@@ -184,5 +184,7 @@ def test_a_damaged_cache_file_is_one_line_naming_it(tmp_path, hellaswag_dir):
                                ("html", "<html><body>rate limited</body></html>\n", "is damaged at line 1")]:
         os.makedirs(tmp_path / name)
         (tmp_path / name / "hellaswag_val.jsonl").write_text(text)
-        proc = run_script("hellaswag.py", "-m", "gpt2", "--cache_dir", tmp_path / name)
-        assert_one_line_error(proc, f"{tmp_path / name / 'hellaswag_val.jsonl'} {reason}", "delete it")
+        with pytest.raises(SystemExit) as e:
+            hellaswag.main(["-m", "gpt2", "--cache_dir", str(tmp_path / name)])
+        assert str(e.value).startswith(f"hellaswag.py: error: {tmp_path / name / 'hellaswag_val.jsonl'} {reason}")
+        assert "delete it" in str(e.value)
