@@ -19,7 +19,8 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from common import UserError, file_fingerprint, first_line, lock_folder, write_failure
+from common import (UserError, atomic_write, file_fingerprint, first_line, lock_folder, unusable_folder,
+                    write_failure)
 
 CHECKPOINT_RE = re.compile(r"^(model|ckpt)_(\d+)\.pt$")
 LOCK_NAME = "train_gpt2.lock"  # held by the run that owns the folder; also marks it as one this script ran in
@@ -39,17 +40,10 @@ def model_config(config):
 
 
 def atomic_torch_save(obj, path):
-    """Write to a temporary name, fsync, then rename: a crash leaves the old file or the new one, never half."""
-    tmp = f"{path}.tmp"
+    """torch.save through atomic_write: a crash leaves the old file or the new one, never half."""
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: torch.save(obj, f))
     except (OSError, RuntimeError) as e:  # torch's zip writer reports a full disk as a RuntimeError
-        if os.path.lexists(tmp):
-            os.remove(tmp)
         raise UserError(f"could not write checkpoint {path} ({write_failure(path, e)}); the earlier checkpoints "
                         "are intact: free some space, then rerun the same command to resume") from None
 
@@ -230,13 +224,8 @@ def truncate_log(log_file, step):
     if not os.path.exists(log_file):
         return
     with open(log_file) as f:
-        kept = [line for line in f if (m := LOG_LINE_RE.match(line)) and int(m.group(1)) < step]
-    tmp = f"{log_file}.tmp"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, log_file)
+        kept = "".join(line for line in f if (m := LOG_LINE_RE.match(line)) and int(m.group(1)) < step)
+    atomic_write(log_file, lambda f: f.write(kept.encode()))
 
 
 @contextlib.contextmanager
@@ -249,13 +238,8 @@ def claim_log_dir(args, holder):
     if not holder:
         yield None
         return
-    try:
-        os.makedirs(args.log_dir, exist_ok=True)
-        was_ours = os.path.exists(os.path.join(args.log_dir, LOCK_NAME))
-        fd = lock_folder(args.log_dir, LOCK_NAME, "pass another --log_dir")
-    except OSError as e:  # read-only, no permission, a file in the way
-        raise UserError(f"cannot use --log_dir {args.log_dir} ({e.strerror or e}); pass a folder you can "
-                        "write to") from None
+    was_ours = os.path.exists(os.path.join(args.log_dir, LOCK_NAME))
+    fd = lock_folder(args.log_dir, LOCK_NAME, "--log_dir")
     try:
         yield was_ours
     finally:
@@ -282,8 +266,7 @@ def prepare_log_dir(args, resumed_from, resume_step, was_ours):
     try:
         return _prepare_log_dir(args, resumed_from, resume_step, was_ours)
     except OSError as e:
-        raise UserError(f"cannot use --log_dir {args.log_dir} ({e.strerror or e}); pass a folder you can "
-                        "write to") from None
+        raise unusable_folder("--log_dir", args.log_dir, e) from None
 
 
 def _prepare_log_dir(args, resumed_from, resume_step, was_ours):

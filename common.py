@@ -60,6 +60,22 @@ def write_failure(path, e):
     return f"{first_line(e)}; {free}"
 
 
+def atomic_write(path, write):
+    """write(f) into path's temporary name (binary), fsync, rename: `path` is the old file or the new one, never
+    half. On any failure the temporary file is removed and the error raised again, for the caller to word."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def download_file(url, path, chunk_size=1 << 20):
     """Stream `url` into a temporary file next to `path`, then rename: `path` is complete or absent."""
     import requests
@@ -97,24 +113,33 @@ def get_encoder():
                         "once to cache it, or set TIKTOKEN_CACHE_DIR to a folder holding its files") from None
 
 
-def lock_folder(folder, name, fix):
+def unusable_folder(flag, folder, e):
+    """The one-line error for a folder that cannot be written (read-only, no permission, a file in the way)."""
+    return UserError(f"cannot use {flag} {folder} ({e.strerror or e}); pass a folder you can write to")
+
+
+def lock_folder(folder, name, flag):
     """
-    Hold folder/name with an exclusive fcntl.flock for the rest of this process's life: the kernel frees it
-    however the process ends, kill -9 included, so a stale lock never blocks a rerun. If another process
-    holds it, a UserError naming that process and `fix`. Returns the lock's file descriptor (keep it open).
+    Make `folder` (given as `flag`) and hold folder/name with an exclusive fcntl.flock for the rest of this
+    process's life: the kernel frees it however the process ends, kill -9 included, so a stale lock never
+    blocks a rerun. If another process holds it, a UserError naming that process. Returns the lock's file
+    descriptor (keep it open).
     """
     import fcntl
     import socket
 
-    path = os.path.join(folder, name)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(os.path.join(folder, name), os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise unusable_folder(flag, folder, e) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
         os.close(fd)
         raise UserError(f"{folder} is in use by {holder} (it holds {name}); wait for it to end or stop it, "
-                        f"or {fix}") from None
+                        f"or pass another {flag}") from None
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
     return fd

@@ -127,22 +127,16 @@ def write_shard(path, tokens):
         else:
             np.save(f, tokens)
 
-    atomic_write(path, write)
+    save_atomically(path, write)
 
 
-def atomic_write(path, write):
-    """write(f) into path's temporary name, fsync, rename; a failure (a full disk) leaves no temporary file
-    and stops with one line."""
-    tmp = path + ".tmp"
+def save_atomically(path, write):
+    """common.atomic_write, with a failure (a full disk) worded for this script."""
+    from common import atomic_write
+
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, write)
     except OSError as e:
-        if os.path.lexists(tmp):
-            os.remove(tmp)
         raise DataError(f"could not write {path} ({e.strerror or e}); free some space, then rerun the same "
                         "command: it continues after the last finished shard") from None
 
@@ -224,15 +218,12 @@ def local_files(path):
 
 def fetch_shakespeare(out_dir):
     """Tiny Shakespeare (1.1 MB, one document), downloaded once into out_dir/input.txt."""
-    from common import UserError, download_file  # imported where used: this file loads on its own
+    from common import download_file  # imported where used: this file loads on its own
 
     path = os.path.join(out_dir, "input.txt")
     if not os.path.exists(path):
         os.makedirs(out_dir, exist_ok=True)
-        try:
-            download_file(SHAKESPEARE_URL, path)
-        except UserError as e:
-            raise DataError(str(e)) from None
+        download_file(SHAKESPEARE_URL, path)
     return path
 
 
@@ -316,7 +307,7 @@ def fingerprint(args):
 def save_progress(args, **state):
     """Where the stream stands after the last finished shard, and each finished shard's fingerprint."""
     data = json.dumps({"fingerprint": fingerprint(args), **state}, indent=2).encode()
-    atomic_write(progress_path(args), lambda f: f.write(data))
+    save_atomically(progress_path(args), lambda f: f.write(data))
 
 
 def load_progress(args):
@@ -371,18 +362,11 @@ def prepare_out_dir(args):
 def claim_out_dir(args):
     """Make --out_dir and hold its lock while writing, so a second fineweb.py there stops with one line. If the
     run fails before writing anything into a folder it made, the folder goes again."""
-    from common import UserError, lock_folder
+    from common import lock_folder
 
     global _lock_fd
     made = not os.path.isdir(args.out_dir)
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-        fd = _lock_fd = lock_folder(args.out_dir, LOCK_NAME, "pass another --out_dir")
-    except UserError as e:
-        raise DataError(str(e)) from None
-    except OSError as e:
-        raise DataError(f"cannot use --out_dir {args.out_dir} ({e.strerror or e}); pass a folder you can "
-                        "write to") from None
+    fd = _lock_fd = lock_folder(args.out_dir, LOCK_NAME, "--out_dir")
     try:
         yield
     except BaseException:
@@ -436,6 +420,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    from common import UserError  # what the shared helpers (lock, download) raise; common loads no torch
+
     args = parse_args(argv)
     t0 = time.time()
     try:
@@ -446,7 +432,7 @@ def main(argv=None):
     try:
         with claim_out_dir(args):
             writer, what, seconds = write_shards(args)
-    except DataError as e:
+    except (DataError, UserError) as e:
         sys.exit(f"fineweb.py: error: {e}")
     if writer is None:
         print(f"{args.out_dir} is complete already (see {progress_path(args)}); nothing to do")

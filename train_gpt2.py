@@ -484,6 +484,7 @@ def train_loop(run, stop_signals):
         synchronize(compute.device_type)
         dt = time.time() - t0
         # --------------- TRAINING SECTION END -----------------
+        norm = norm.item()  # computed already: a read, not a wait
         check_finite(run, step, loss, norm)
         report_step(run, step, loss, lr, norm, dt)
 
@@ -843,7 +844,6 @@ def share_step_results(compute, loss_accum, stop, timed):
 def check_finite(run, step, loss, norm):
     """Stop a diverged run here, on every rank alike (the loss is all-reduced, the norm the same everywhere),
     before a non-finite state can be evaluated, saved, or rotate a healthy checkpoint out."""
-    norm = norm.item()
     if not (math.isfinite(loss) and math.isfinite(norm)):
         raise UserError(f"the run diverged at step {step} (loss {loss}, gradient norm {norm}) and stopped; nothing "
                         f"from that step on was saved: lower --max_lr (now {run.args.max_lr}) or lengthen "
@@ -858,7 +858,7 @@ def report_step(run, step, loss, lr, norm, dt):
     tokens_per_sec = run.args.total_batch_size / dt
     mfu = "" if run.peak_flops is None else \
         f" | mfu {mfu_percent(run.flops_per_token, tokens_per_sec, run.peak_flops, run.compute.world_size):.2f}%"
-    print(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm.item():.4f} | "
+    print(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
           f"dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f}{mfu}")
     run.log(f"{step} train {loss:.6f}")
 

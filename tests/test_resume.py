@@ -458,7 +458,7 @@ def test_an_error_on_rank_0_alone_ends_every_rank_within_seconds(small_shards, s
     # before the process group: rank 0 finds the folder taken (here, by this test); rank 1 was waiting for it
     log_dir = tmp_path / "taken"
     log_dir.mkdir()
-    fd = lock_folder(str(log_dir), "train_gpt2.lock", "")
+    fd = lock_folder(str(log_dir), "train_gpt2.lock", "--log_dir")
     started = time.time()
     proc = run(command(train_args(small_shards, log_dir), nproc=2))
     os.close(fd)
