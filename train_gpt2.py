@@ -582,8 +582,8 @@ class Inputs(NamedTuple):
 
 
 def check_inputs(args, compute):
-    """Every check of what the user gave (flags, data, tokenizer, checkpoint), reading only: nothing is
-    written before they all pass, and none of them waits for the other ranks."""
+    """Every check of what the user gave (flags, data, tokenizer, checkpoint): nothing is written to --log_dir
+    before they all pass (only HellaSwag's cache may be filled), and none of them waits for the other ranks."""
     candidates = micro_batch_sizes(args, compute)
     # with -B auto, the data is checked at the smallest candidate and the loaders made again once B is known
     train_loader, val_loader = make_loaders(args, compute, candidates[-1])
