@@ -148,7 +148,11 @@ def restore_checkpoint(ckpt, model, optimizer, train_batches, val_batches, ident
     """Put a run's saved state back: weights, AdamW's moments, both loaders' positions (unless the data is
     new, see check_same_data), every RNG. Returns the last val loss it recorded."""
     model.load_state_dict(ckpt["model"])
+    # the saved param groups replace the new ones: keep this run's flags (--weight_decay, the lr shares)
+    flags = [{k: g[k] for k in ("weight_decay", "lr_scale") if k in g} for g in optimizer.param_groups]
     optimizer.load_state_dict(ckpt["optimizer"])  # moves the moments to the parameters' device
+    for group, kept in zip(optimizer.param_groups, flags):
+        group.update(kept)
     if ckpt.get("data_identity", identity) == identity:
         train_batches.load_state_dict(ckpt["data"]["train"])
         val_batches.load_state_dict(ckpt["data"]["val"])
@@ -196,10 +200,16 @@ def check_resumable(ckpt, config, args, world_size):
         raise UserError(f"{ckpt.get('path', 'the checkpoint')} holds weights only, not a run's full state; "
                         "it cannot be resumed (use --resume none)")
     saved, ours = ckpt["args"], model_config(config)
-    if ckpt["config"] != ours:
-        diff = ", ".join(f"{k} {v} (this run: {ours.get(k)})" for k, v in ckpt["config"].items() if ours.get(k) != v)
-        raise UserError(f"the checkpoint is of another model: {diff}; pass the checkpoint's model flags, "
-                        "or --log_dir NEW to start a new run")
+    # fields added since the checkpoint was written take their defaults (e.g. arch: gpt2)
+    theirs = {**model_config(type(config)()), **ckpt["config"]}
+    if theirs != ours:
+        diff = ", ".join(f"{k} {v} (this run: {ours.get(k)})" for k, v in theirs.items() if ours.get(k) != v)
+        raise UserError(f"the checkpoint is of another model: {diff}; pass the checkpoint's model flags "
+                        f"(--recipe {saved.get('recipe', 'gpt2')}?), or --log_dir NEW to start a new run")
+    if saved.get("optimizer", "adamw") != args.optimizer:
+        raise UserError(f"the checkpoint was trained with --optimizer {saved.get('optimizer', 'adamw')}, this run has "
+                        f"{args.optimizer}: its optimizer state would not fit; pass --optimizer "
+                        f"{saved.get('optimizer', 'adamw')}, or --log_dir NEW to start a new run")
     for flag in ("seq_len", "total_batch_size", "shuffle"):
         if saved.get(flag, False) != getattr(args, flag):
             raise UserError(f"the checkpoint was trained with --{flag} {saved[flag]}, this run has "
@@ -208,9 +218,12 @@ def check_resumable(ckpt, config, args, world_size):
     if saved["batch_size"] != args.batch_size or ckpt["world_size"] != world_size:
         notes.append(f"-B {saved['batch_size']} x {ckpt['world_size']} processes -> -B {args.batch_size} x "
                      f"{world_size} processes: the same total batch, the token stream continues where it stopped")
-    for flag in ("max_steps", "warmup_steps", "max_lr", "min_lr_ratio", "weight_decay", "grad_clip"):
-        if saved[flag] != getattr(args, flag):
-            notes.append(f"--{flag} changed from {saved[flag]} to {getattr(args, flag)}")
+    defaults = {"schedule": "cosine", "cooldown_frac": args.cooldown_frac, "adam_lr": args.adam_lr,
+                "embed_lr": args.embed_lr}  # flags older checkpoints did not have
+    for flag in ("max_steps", "warmup_steps", "max_lr", "min_lr_ratio", "weight_decay", "grad_clip", "schedule",
+                 "cooldown_frac", "adam_lr", "embed_lr"):
+        if saved.get(flag, defaults.get(flag)) != getattr(args, flag):
+            notes.append(f"--{flag} changed from {saved.get(flag, defaults.get(flag))} to {getattr(args, flag)}")
     return notes
 
 

@@ -17,6 +17,25 @@ class UserError(Exception):
     """A problem the user can fix (bad flag, missing file, no network); printed as one line, no traceback."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default shown once: not added where the default is None (the help says it)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose flag errors are one line that points at --help, not the whole usage first."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=HelpFormatter, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def first_line(e):
     """The first line of an exception's message, for one-line errors."""
     text = str(e).strip()
@@ -102,6 +121,16 @@ def download_file(url, path, chunk_size=1 << 20):
 
 
 @functools.lru_cache(maxsize=None)
+def import_wandb():
+    """The wandb module for --wandb, or a one-line error naming the install command."""
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--wandb needs Weights & Biases, which is not installed: pip install wandb "
+                        "(or leave out --wandb)") from None
+    return wandb
+
+
 def get_encoder():
     """GPT-2's BPE through tiktoken, loaded on first use (it may need the network once)."""
     import tiktoken

@@ -14,7 +14,6 @@ are byte-identical to build-nanogpt's fineweb.py. An interrupted run, rerun with
 continues after its last finished shard and writes exactly what an uninterrupted run writes.
 """
 
-import argparse
 import collections
 import contextlib
 import glob
@@ -386,8 +385,9 @@ def claim_out_dir(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Tokenize a text dataset into GPT-2 uint16 shards.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from common import ArgumentParser
+
+    p = ArgumentParser(description="Tokenize a text dataset into GPT-2 uint16 shards.")
     p.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu",
                    help="fineweb-edu, fineweb, shakespeare, any hub dataset id, or a local .jsonl/.json/.parquet "
                         "file, a folder of them, or a folder of .txt files (one document per file); "
@@ -395,9 +395,11 @@ def parse_args(argv=None):
     p.add_argument("--remote_name", default="sample-10BT",
                    help=f"the hub dataset's config; for FineWeb(-Edu): {', '.join(HUB_SAMPLES)}")
     p.add_argument("--streaming", action="store_true", help="read the hub dataset as it downloads, not after")
-    p.add_argument("--text_column", default="text")
+    p.add_argument("--text_column", default="text", help="the column of a table dataset that holds the documents")
     p.add_argument("--out_dir", default=None, help="default: edu_fineweb10B (tinyshakespeare for shakespeare)")
-    p.add_argument("--prefix", default="edufineweb", help="shard file names start with this")
+    p.add_argument("--prefix", default=None,
+                   help="shard file names start with this (default: edufineweb, build-nanogpt's; tinyshakespeare "
+                        "for shakespeare)")
     p.add_argument("--format", choices=["npy", "bin"], default="npy",
                    help="npy (build-nanogpt) or bin (llm.c: 256 int32 header, then uint16 tokens)")
     p.add_argument("--shard_size", type=int, default=None, help="tokens per shard (default 10**8; 50,000 "
@@ -408,6 +410,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     shakespeare = args.dataset == "shakespeare"
     args.out_dir = args.out_dir or ("tinyshakespeare" if shakespeare else "edu_fineweb10B")
+    # a Tiny Shakespeare folder written before its shards had their own name keeps its edufineweb_* name
+    older = os.path.exists(os.path.join(args.out_dir, "edufineweb_progress.json"))
+    args.prefix = args.prefix or ("tinyshakespeare" if shakespeare and not older else "edufineweb")
     if args.shard_size is None:
         args.shard_size = 50_000 if shakespeare else 10 ** 8
     if args.dataset in HUB_DATASETS and args.remote_name not in HUB_SAMPLES:

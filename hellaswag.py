@@ -11,7 +11,6 @@ The val set is downloaded once into --cache_dir (or $HELLASWAG_CACHE_DIR, defaul
 next to this file).
 """
 
-import argparse
 import contextlib
 import functools
 import json
@@ -202,18 +201,20 @@ def load_model(name_or_path, device, compile=False):
         gpt = GPT.from_pretrained(name_or_path).to(device).eval()
         hidden, head, max_len = gpt.hidden_states, gpt.lm_head, gpt.config.block_size
     else:
-        from hf_convert import load_hf_gpt2
+        from hf_convert import load_hf_model
 
-        hf = load_hf_gpt2(name_or_path).to(device).eval()
-        hidden, head, max_len = (lambda tokens: hf.transformer(tokens).last_hidden_state), hf.lm_head, \
-            hf.config.n_positions
+        hf = load_hf_model(name_or_path).to(device).eval()  # GPT-2 or Llama: base_model is the stack below the head
+        hidden, head, max_len = (lambda tokens: hf.base_model(tokens).last_hidden_state), hf.lm_head, \
+            hf.config.max_position_embeddings
     if compile:
         hidden = torch.compile(hidden, dynamic=True)  # batch shapes vary: one graph for all of them
     return Model(hidden, head, max_len)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Score a GPT-2 model on HellaSwag (under torchrun: split across ranks).")
+    from common import ArgumentParser
+
+    p = ArgumentParser(description="Score a GPT-2 model on HellaSwag (under torchrun: split across ranks).")
     p.add_argument("-m", "--model", default="gpt2",
                    help="gpt2 / gpt2-medium / ..., a transformers directory, or a train_gpt2.py .pt checkpoint")
     p.add_argument("-d", "--device", default=None, help="cuda, mps or cpu (default: the first available)")

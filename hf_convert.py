@@ -1,9 +1,11 @@
 """
-Weights between train_gpt2.py's GPT and transformers' GPT2LMHeadModel, both ways.
+Weights between train_gpt2.py's GPT and transformers, both ways: --arch gpt2 as GPT2LMHeadModel,
+--arch llama as LlamaForCausalLM.
 
-Reading: OpenAI's released GPT-2s (gpt2 ... gpt2-xl) or any save_pretrained folder of a GPT-2, as a
-GPTConfig's fields and a state dict that GPT.load_state_dict takes. Writing: a GPT as a transformers
-folder with GPT-2's tokenizer files beside it, which transformers, lm-evaluation-harness and the hub read.
+Reading: OpenAI's released GPT-2s (gpt2 ... gpt2-xl) or any save_pretrained folder of a GPT-2 or of a
+Llama this repo exported, as a GPTConfig's fields and a state dict that GPT.load_state_dict takes.
+Writing: a GPT as a transformers folder with GPT-2's tokenizer files beside it, which transformers,
+lm-evaluation-harness and the hub read. --arch modern has no stock transformers class and is refused.
 """
 
 import json
@@ -13,19 +15,20 @@ import shutil
 import torch
 
 from common import UserError, first_line, write_failure
+from variants import RMS_EPS, ROPE_THETA, swiglu_hidden
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # transformers' GPT-2 keeps these four weights as (in, out) (its Conv1D), nn.Linear as (out, in)
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def load_hf_gpt2(name_or_path):
-    """transformers' GPT2LMHeadModel from the hub or a save_pretrained directory."""
-    from transformers import GPT2LMHeadModel  # imported here: slow, and only needed for these conversions
+def load_hf_model(name_or_path):
+    """transformers' causal LM (GPT-2 or Llama here) from the hub or a save_pretrained directory."""
+    from transformers import AutoModelForCausalLM  # imported here: slow, and only needed for these conversions
 
     try:
-        return GPT2LMHeadModel.from_pretrained(name_or_path)
-    except OSError as e:
+        return AutoModelForCausalLM.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:  # no such model / a folder without a config.json that names one
         raise UserError(f"could not load {name_or_path!r} with transformers ({first_line(e)}); "
                         "with no network, pass a local directory saved by save_pretrained") from None
 
@@ -40,12 +43,29 @@ def conv1d_transpose(name, tensor):
     return tensor.t() if name.endswith(CONV1D_WEIGHTS) else tensor
 
 
+def llama_names(n_layer):
+    """(our name, transformers' LlamaForCausalLM name) of every weight of an --arch llama GPT."""
+    names = [("transformer.wte.weight", "model.embed_tokens.weight"), ("transformer.ln_f.weight", "model.norm.weight"),
+             ("lm_head.weight", "lm_head.weight")]
+    per_layer = [("attn.c_q", "self_attn.q_proj"), ("attn.c_k", "self_attn.k_proj"), ("attn.c_v", "self_attn.v_proj"),
+                 ("attn.c_proj", "self_attn.o_proj"), ("mlp.c_gate", "mlp.gate_proj"), ("mlp.c_fc", "mlp.up_proj"),
+                 ("mlp.c_proj", "mlp.down_proj"), ("ln_1", "input_layernorm"), ("ln_2", "post_attention_layernorm")]
+    for i in range(n_layer):
+        names += [(f"transformer.h.{i}.{ours}.weight", f"model.layers.{i}.{theirs}.weight") for ours, theirs in per_layer]
+    return names
+
+
 def from_transformers(name_or_path):
-    """(GPTConfig fields, state dict in GPT's layout) of a transformers GPT-2: hub name or directory."""
+    """(GPTConfig fields, state dict in GPT's layout) of a transformers GPT-2 or Llama: hub name or directory."""
     if name_or_path not in HUB_NAMES and not os.path.isdir(name_or_path):
         raise UserError(f"--model {name_or_path!r} is neither one of {', '.join(HUB_NAMES)} "
-                        "nor a directory holding a transformers GPT-2 checkpoint")
-    hf_model = load_hf_gpt2(name_or_path)
+                        "nor a directory holding a transformers GPT-2 or Llama checkpoint")
+    hf_model = load_hf_model(name_or_path)
+    if hf_model.config.model_type == "llama":
+        return from_llama(name_or_path, hf_model)
+    if hf_model.config.model_type != "gpt2":
+        raise UserError(f"{name_or_path}: a transformers {hf_model.config.model_type} model; only GPT-2 and "
+                        "Llama are read")
     hf = hf_model.config
     if hf.activation_function not in ("gelu_new", "gelu_pytorch_tanh") or hf.n_inner not in (None, 4 * hf.n_embd) \
             or hf.layer_norm_epsilon != 1e-5:
@@ -57,6 +77,21 @@ def from_transformers(name_or_path):
     return config, {k: conv1d_transpose(k, v) for k, v in hf_weights(hf_model).items()}
 
 
+def from_llama(name_or_path, hf_model):
+    """from_transformers for a LlamaForCausalLM of the shape --arch llama builds."""
+    hf = hf_model.config
+    theta = (getattr(hf, "rope_parameters", None) or {}).get("rope_theta", getattr(hf, "rope_theta", None))
+    if hf.num_key_value_heads != hf.num_attention_heads or hf.intermediate_size != swiglu_hidden(hf.hidden_size) \
+            or theta != ROPE_THETA or hf.hidden_act != "silu" or hf.attention_bias or hf.mlp_bias:
+        raise UserError(f"{name_or_path}: only the Llama shape of --arch llama is read (no grouped KV heads, "
+                        f"SwiGLU width {swiglu_hidden(hf.hidden_size)}, RoPE theta {ROPE_THETA:g}, no biases)")
+    config = dict(block_size=hf.max_position_embeddings, vocab_size=hf.vocab_size, n_layer=hf.num_hidden_layers,
+                  n_head=hf.num_attention_heads, n_embd=hf.hidden_size, arch="llama",
+                  untie_head=not hf.tie_word_embeddings)
+    sd = hf_model.state_dict()
+    return config, {ours: sd[theirs] for ours, theirs in llama_names(hf.num_hidden_layers)}
+
+
 def export_to_transformers(model, out_dir, vocab_size=50257):
     """
     Write a GPT as a transformers GPT-2 directory (GPT2LMHeadModel.from_pretrained loads it), with the
@@ -65,6 +100,7 @@ def export_to_transformers(model, out_dir, vocab_size=50257):
     """
     from safetensors import SafetensorError
 
+    check_exportable(model.config, vocab_size)
     out_dir = os.path.normpath(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise UserError(f"{out_dir} is not empty; pass a new directory")
@@ -83,13 +119,26 @@ def export_to_transformers(model, out_dir, vocab_size=50257):
             shutil.rmtree(tmp)
 
 
+def check_exportable(cfg, vocab_size):
+    """Refuse, in one line, a model that no stock transformers class computes exactly."""
+    if cfg.arch == "modern":
+        raise UserError("--arch modern has no stock transformers class that computes it exactly (QK-norm on each "
+                        "head, weightless RMSNorm and a ReLU^2 MLP together); export --arch gpt2 or llama models")
+    if cfg.vocab_size < vocab_size:
+        raise UserError(f"the model's vocabulary ({cfg.vocab_size}) is smaller than GPT-2's tokenizer's ({vocab_size})")
+
+
 def write_transformers_folder(model, out_dir, vocab_size):
     """The weights, config and tokenizer files of export_to_transformers, into an existing folder."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = model.config
-    if cfg.vocab_size < vocab_size:
-        raise UserError(f"the model's vocabulary ({cfg.vocab_size}) is smaller than GPT-2's tokenizer's ({vocab_size})")
+    check_exportable(cfg, vocab_size)
+    if cfg.arch == "llama":
+        hf_model = llama_model(model, vocab_size)
+        hf_model.save_pretrained(out_dir)
+        write_gpt2_tokenizer(out_dir, cfg.block_size)
+        return
     hf_model = GPT2LMHeadModel(GPT2Config(
         vocab_size=vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
         n_head=cfg.n_head, activation_function="gelu_new", bos_token_id=50256, eos_token_id=50256))
@@ -101,6 +150,24 @@ def write_transformers_folder(model, out_dir, vocab_size):
             v.copy_(conv1d_transpose(k, w))
     hf_model.save_pretrained(out_dir)
     write_gpt2_tokenizer(out_dir, cfg.block_size)
+
+
+def llama_model(model, vocab_size):
+    """An --arch llama GPT as a LlamaForCausalLM with the same weights (the vocabulary cut to the tokenizer's)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = model.config
+    hf_model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab_size, hidden_size=cfg.n_embd, intermediate_size=swiglu_hidden(cfg.n_embd),
+        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
+        max_position_embeddings=cfg.block_size, rms_norm_eps=RMS_EPS, rope_theta=ROPE_THETA, hidden_act="silu",
+        tie_word_embeddings=not cfg.untie_head, bos_token_id=50256, eos_token_id=50256))
+    sd, theirs = model.state_dict(), hf_model.state_dict()
+    with torch.no_grad():
+        for ours, name in llama_names(cfg.n_layer):
+            w = sd[ours][:vocab_size] if name in ("model.embed_tokens.weight", "lm_head.weight") else sd[ours]
+            theirs[name].copy_(w)
+    return hf_model
 
 
 def write_gpt2_tokenizer(out_dir, max_length):

@@ -1,13 +1,13 @@
 """
 Sample text from a GPT-2: a checkpoint of train_gpt2.py or a transformers GPT-2 (hub name or directory).
 
+    python sample.py                                       # the newest checkpoint in log/
     python sample.py -m log/model_19072.pt --prompt "The meaning of life is" --num_samples 4
     python sample.py -m gpt2 --max_new_tokens 200 --temperature 0.8 --top_k 40 --seed 1
 
 Generation uses the model's KV cache: the prompt is run once, then one token per step.
 """
 
-import argparse
 import contextlib
 import sys
 
@@ -15,18 +15,18 @@ import torch
 
 
 def main(argv=None):
-    from common import UserError, autodetect_device, finite_float, get_encoder
+    from common import ArgumentParser, UserError, autodetect_device, finite_float, get_encoder
 
-    p = argparse.ArgumentParser(description="Sample from a GPT-2 checkpoint.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-m", "--model", default="log/model_19072.pt",
-                   help="a train_gpt2.py .pt checkpoint, gpt2 / gpt2-medium / ..., or a transformers directory")
-    p.add_argument("--prompt", default="Hello, I'm a language model,")
-    p.add_argument("--num_samples", type=int, default=4)
-    p.add_argument("--max_new_tokens", type=int, default=64)
+    p = ArgumentParser(description="Sample from a GPT-2 checkpoint.")
+    p.add_argument("-m", "--model", default=None,
+                   help="a train_gpt2.py .pt checkpoint, gpt2 / gpt2-medium / ..., or a transformers directory "
+                        "(default: the newest checkpoint in log/)")
+    p.add_argument("--prompt", default="Hello, I'm a language model,", help="the text to continue")
+    p.add_argument("--num_samples", type=int, default=4, help="how many continuations")
+    p.add_argument("--max_new_tokens", type=int, default=64, help="tokens to add to the prompt")
     p.add_argument("--temperature", type=finite_float, default=1.0, help="below 1: more likely tokens; above: more random")
     p.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="the same seed gives the same samples")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
     args = p.parse_args(argv)
     if args.num_samples <= 0 or args.max_new_tokens <= 0 or args.temperature <= 0 or args.top_k < 0 or args.seed < 0:
@@ -34,9 +34,17 @@ def main(argv=None):
     if not args.prompt:
         p.error("--prompt is empty: give some text for the model to continue")
 
+    from checkpoints import list_checkpoints
     from train_gpt2 import GPT, sample_text
 
     device = args.device or autodetect_device()
+    if args.model is None:
+        found = list_checkpoints("log")
+        if not found:
+            sys.exit("sample.py: error: no checkpoint in log/ (train first, e.g. `python train_gpt2.py --first_try`); "
+                     "or pass -m PATH or -m gpt2")
+        args.model = found[0][1]
+        print(f"model: {args.model}")
     try:
         enc = get_encoder()
         model = GPT.from_pretrained(args.model).to(device)

@@ -32,10 +32,11 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
+import variants
 from checkpoints import (append_log, check_resumable, check_same_data, claim_log_dir, data_identity,
                          find_resume_checkpoint, finished_at, load_checkpoint, prepare_log_dir, restore_checkpoint,
                          rotate_checkpoints, save_checkpoint, stop_signals_caught)
-from common import (UserError, check_device_type, exit_when_another_rank_fails, exit_with_parent, finite_float,
+from common import (ArgumentParser, UserError, check_device_type, import_wandb, exit_when_another_rank_fails, exit_with_parent, finite_float,
                     get_encoder, synchronize, tell_other_ranks)
 from fineweb import BIN_MAGIC, BIN_VERSION  # the shard writer's .bin header
 from hf_convert import from_transformers
@@ -54,9 +55,32 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
+    # beyond GPT-2 (variants.py): "llama" or "modern" blocks, rotary positions instead of learned ones
+    arch: str = "gpt2"
+    untie_head: bool = False  # lm_head its own matrix, starting at zero (the speedrun's)
     # how to compute, not what: the same function either way, so checkpoints leave these two out
     attention: str = "sdpa"  # "sdpa": flash attention; "manual": the (T, T) matrix written out
     ce_chunk_rows: int = 0  # > 0: lm_head and the loss this many rows at a time, no whole-batch logits
+
+
+def causal_attention(q, k, v, cache, attention):
+    """Each query position attends to itself and the positions before it: (B, nh, T, hs) in and out.
+    `cache` (generation) keeps the keys and values of earlier tokens, so they are not computed again."""
+    T = q.size(2)
+    if cache is not None:
+        if "k" in cache:
+            k = torch.cat((cache["k"], k), dim=2)  # (B, nh, T_cached + T, hs)
+            v = torch.cat((cache["v"], v), dim=2)
+        cache["k"], cache["v"] = k, v
+    if attention == "sdpa" and k.size(2) == T:
+        # flash attention: the (T, T) attention matrix is never written to memory
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+    # each query sees the cached keys and the causal part of the new ones
+    mask = torch.ones(T, k.size(2), dtype=torch.bool, device=q.device).tril(k.size(2) - T)
+    if attention == "manual":  # the textbook way, written out: the speed ladder's baseline
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T_k)
+        return F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1) @ v  # (B, nh, T, hs)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 class CausalSelfAttention(nn.Module):
@@ -79,22 +103,7 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        if cache is not None:  # generation: keys and values of the earlier tokens are kept, not recomputed
-            if "k" in cache:
-                k = torch.cat((cache["k"], k), dim=2)  # (B, nh, T_cached + T, hs)
-                v = torch.cat((cache["v"], v), dim=2)
-            cache["k"], cache["v"] = k, v
-        if self.attention == "sdpa" and k.size(2) == T:
-            # flash attention: the (T, T) attention matrix is never written to memory
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
-        else:
-            # each query sees the cached keys and the causal part of the new ones
-            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(k.size(2) - T)
-            if self.attention == "manual":  # the textbook way, written out: the speed ladder's baseline
-                att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T_k)
-                y = F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1) @ v  # (B, nh, T, hs)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = causal_attention(q, k, v, cache, self.attention)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # the heads' outputs side by side again
         return self.c_proj(y)
 
@@ -130,15 +139,23 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=nn.LayerNorm(config.n_embd),
-        ))
+        if config.arch == "gpt2":
+            self.transformer = nn.ModuleDict(dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd),
+            ))
+        else:  # llama or modern (variants.py): rotary positions inside attention, so no wpe
+            wte = nn.Embedding(config.vocab_size, config.n_embd)
+            h, ln_f = variants.make_blocks(config, causal_attention)
+            self.transformer = nn.ModuleDict(dict(wte=wte, h=h, ln_f=ln_f))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # weight tying: the input embedding and the output projection are one matrix
-        self.transformer.wte.weight = self.lm_head.weight
+        if config.untie_head:
+            self.lm_head.ZERO_INIT = True  # every token starts equally likely
+        else:
+            # weight tying: the input embedding and the output projection are one matrix
+            self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
@@ -148,6 +165,8 @@ class GPT(nn.Module):
                 # each block adds twice into the residual stream; keep its variance from growing with depth
                 std *= (2 * self.config.n_layer) ** -0.5
             torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "ZERO_INIT", False):  # the speedrun's output projections (variants.py)
+                torch.nn.init.zeros_(module.weight)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -159,8 +178,10 @@ class GPT(nn.Module):
         start = caches[0]["k"].size(2) if caches and "k" in caches[0] else 0  # tokens already in the cache
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)  # (B, T, n_embd) + (T, n_embd)
+        x = self.transformer.wte(idx)  # (B, T, n_embd)
+        if "wpe" in self.transformer:  # learned positions (GPT-2); the variants rotate q and k instead
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T)
+            x = x + self.transformer.wpe(pos)  # (B, T, n_embd) + (T, n_embd)
         for i, block in enumerate(self.transformer.h):
             x = block(x, caches[i] if caches else None)
         return self.transformer.ln_f(x)
@@ -238,7 +259,7 @@ class GPT(nn.Module):
     def num_params(self, non_embedding=True):
         """Parameter count; the tied wte/lm_head matrix is counted once, wpe left out by default."""
         n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
+        if non_embedding and "wpe" in self.transformer:
             n -= self.transformer.wpe.weight.numel()
         return n
 
@@ -257,14 +278,14 @@ EOT = 50256  # <|endoftext|>: fineweb.py puts one before every document
 
 def list_shards(data_root, split):
     """The shard files of one split, sorted by name, as build-nanogpt's loader orders them."""
+    fix = ("run `python fineweb.py` (FineWeb-Edu 10B, about 20 GB), or for a first try `python fineweb.py "
+           "--dataset shakespeare` and `python train_gpt2.py --first_try`, or point --data_dir at your shards")
     if not os.path.isdir(data_root):
-        raise UserError(f"data directory {data_root!r} does not exist; run `python fineweb.py` to make it, "
-                        "or point --data_dir at your shards")
+        raise UserError(f"data directory {data_root!r} does not exist; {fix}")
     shards = sorted(glob.glob(os.path.join(data_root, f"*_{split}_*.npy")) +
                     glob.glob(os.path.join(data_root, f"*_{split}_*.bin")))
     if not shards:
-        raise UserError(f"no {split} shards (*_{split}_*.npy or .bin) in {data_root!r}; run `python fineweb.py`, "
-                        "or point --data_dir at your shards")
+        raise UserError(f"no {split} shards (*_{split}_*.npy or .bin) in {data_root!r}; {fix}")
     return shards
 
 
@@ -396,7 +417,10 @@ class DataLoaderLite:
 
 
 def get_lr(step, args):
-    """Linear warmup over warmup_steps, then cosine decay from max_lr to min_lr at max_steps."""
+    """Linear warmup over warmup_steps, then cosine decay from max_lr to min_lr at max_steps.
+    (--schedule wsd: warmup, stable, then a linear cooldown; see variants.py.)"""
+    if args.schedule == "wsd":
+        return variants.wsd_lr(step, args)
     max_lr = args.max_lr
     min_lr = args.max_lr * args.min_lr_ratio
     if step < args.warmup_steps:
@@ -456,7 +480,7 @@ def train(args):
 def train_loop(run, stop_signals):
     """The loop; returns the exit code. A signal appended to stop_signals ends it at the next step, saved."""
     args, compute = run.args, run.compute
-    run.last_save = time.time()
+    run.last_save = run.started = time.time()
     stop = timed = False  # a stop signal, a timed save: asked for during the step before, agreed by all ranks
     for step in range(run.start_step, args.max_steps):
         last_step = step == args.max_steps - 1
@@ -491,6 +515,10 @@ def train_loop(run, stop_signals):
     if compute.master and args.benchmark:
         print_benchmark(args, run.step_times, run.flops_per_token, run.peak_flops, compute.world_size,
                         compute.device_type)
+    elif compute.master:
+        print_summary(run)
+        if run.wandb is not None:
+            run.wandb.finish()
     if compute.ddp:
         dist.barrier()  # tear down together: no rank closes its connections while another still uses them
         dist.destroy_process_group()
@@ -560,12 +588,21 @@ class Run:
     log_file: str = None  # log.txt, on rank 0 (None elsewhere and with --benchmark)
     val_loss: float = None  # the latest, recorded in checkpoints
     last_save: float = 0.0  # time.time() of the latest checkpoint, for --save_every_minutes
+    started: float = 0.0  # time.time() when this process's loop began, for the ETA
+    hella: float = None  # the latest HellaSwag accuracy, for the summary
     step_times: list = field(default_factory=list)
     flops_per_token: float = 0.0
     peak_flops: float = None
 
+    wandb: object = None  # the Weights & Biases run (--wandb, rank 0)
+
     def log(self, line):
         append_log(self.log_file, line)
+
+    def metrics(self, step, **values):
+        """Step, lr, norm, speed and evaluation figures to Weights & Biases, with --wandb (rank 0)."""
+        if self.wandb is not None:
+            self.wandb.log(values, step=step)
 
 
 class Inputs(NamedTuple):
@@ -589,11 +626,14 @@ def check_inputs(args, compute):
     train_loader, val_loader = make_loaders(args, compute, candidates[-1])
     enc = load_eval_data(args)
     config = GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer,
-                       n_head=args.n_head, n_embd=args.n_embd, attention=args.attention, ce_chunk_rows=args.chunked_ce)
+                       n_head=args.n_head, n_embd=args.n_embd, arch=args.arch, untie_head=args.untie_head,
+                       attention=args.attention, ce_chunk_rows=args.chunked_ce)
     ckpt = find_resume_checkpoint(args, "cpu")
     identity = data_identity({"train": train_loader, "val": val_loader})
     notes = check_resumable(ckpt, config, args, compute.world_size) + check_same_data(ckpt, identity, args) \
         if ckpt else []
+    if args.wandb and compute.master:
+        import_wandb()  # installed? (before anything is written)
     return Inputs(candidates, train_loader, val_loader, enc, config, ckpt, notes, identity)
 
 
@@ -603,7 +643,7 @@ def setup_run(args, compute, inputs, was_ours):
     candidates, train_loader, val_loader, enc, config, ckpt, notes, identity = inputs
     start_step = ckpt["step"] if ckpt else 0
     if ckpt and args.resume == "auto" and (last := finished_at(args.log_dir, args.max_steps)) is not None:
-        compute.print0(f"{args.log_dir} holds a finished run (its log reaches step {last}, --max_steps is "
+        compute.print0(f"{args.log_dir} holds a complete run (its log reaches step {last}, --max_steps is "
                        f"{args.max_steps}); nothing to do. Pass a larger --max_steps to train on")
         return None
     log_file = (prepare_log_dir(args, ckpt and ckpt["path"], start_step if ckpt else None, was_ours)
@@ -630,6 +670,9 @@ def setup_run(args, compute, inputs, was_ours):
               flops_per_token=raw_model.flops_per_token(args.seq_len),
               peak_flops=device_peak_flops(compute.device_type, args.peak_tflops))
     describe_run(run, ckpt["path"] if ckpt else None, notes)
+    if args.wandb and compute.master:
+        run.wandb = import_wandb().init(project=args.wandb_project, config=vars(args),
+                                        name=args.wandb_run_name or os.path.basename(os.path.abspath(args.log_dir)))
     return run
 
 
@@ -699,7 +742,12 @@ def build_model(args, config, compute):
         # TF32 matmuls (10-bit mantissa inputs, fp32 accumulation); CPU matmuls stay full fp32
         torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
     raw_model = GPT(config).to(compute.device)
-    optimizer = raw_model.configure_optimizers(args.weight_decay, args.max_lr, compute.device_type, args.fused_adamw)
+    if args.optimizer == "muon":
+        fused = (compute.device_type == "cuda") if args.fused_adamw is None else args.fused_adamw
+        optimizer = variants.muon_optimizers(raw_model, args, fused)
+    else:
+        optimizer = raw_model.configure_optimizers(args.weight_decay, args.max_lr, compute.device_type,
+                                                   args.fused_adamw)
     model = torch.compile(raw_model, mode=args.compile_mode) if compute.use_compile else raw_model
     return raw_model, model, optimizer
 
@@ -708,14 +756,15 @@ def describe_run(run, resumed_from, notes):
     """Rank 0 prints what is about to run: device, model size, batch arithmetic, data, and any resume."""
     args, compute, optimizer = run.args, run.compute, run.optimizer
     B, T, W = args.batch_size, args.seq_len, compute.world_size
-    n_decay = sum(p.numel() for p in optimizer.param_groups[0]["params"])
-    n_nodecay = sum(p.numel() for p in optimizer.param_groups[1]["params"])
+    n_decay = sum(p.numel() for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"])
+    n_params = run.raw_model.num_params(non_embedding=False)
     compute.print0(f"device {compute.device} | dtype {compute.dtype} | compile {compute.use_compile}"
                    + (f" ({args.compile_mode})" if compute.use_compile else "") + f" | processes {W} | attention "
                    f"{args.attention} ({args.sdpa_backend}) | fused AdamW {optimizer.defaults.get('fused') or False} | "
                    f"chunked CE {args.chunked_ce or 'off'} | prefetch {args.prefetch}")
-    compute.print0(f"model: {run.raw_model.num_params(non_embedding=False):,} parameters "
-                   f"({n_decay:,} decayed, {n_nodecay:,} not)")
+    compute.print0(f"recipe {args.recipe}: arch {args.arch}{' (untied head)' if args.untie_head else ''} | "
+                   f"optimizer {args.optimizer} | schedule {args.schedule}")
+    compute.print0(f"model: {n_params:,} parameters ({n_decay:,} decayed, {n_params - n_decay:,} not)")
     compute.print0(f"total batch {args.total_batch_size:,} tokens = {B} x {T} x {W} processes "
                    f"x {run.grad_accum_steps} accumulation steps")
     train_loader, val_loader = run.train_batches.loader, run.val_batches.loader
@@ -773,6 +822,7 @@ def evaluate(run, step):
     if compute.ddp:
         dist.all_reduce(val_loss, op=dist.ReduceOp.AVG)
     run.val_loss = val_loss.item()
+    run.metrics(step, **{"val/loss": run.val_loss})
     compute.print0(f"validation loss: {run.val_loss:.4f}")
     run.log(f"{step} val {run.val_loss:.4f}")
     if args.hellaswag:
@@ -784,6 +834,8 @@ def evaluate(run, step):
         if compute.ddp:
             dist.all_reduce(counts, op=dist.ReduceOp.SUM)
         correct, total = counts.tolist()
+        run.hella = correct / total
+        run.metrics(step, **{"hellaswag/acc_norm": run.hella})
         compute.print0(f"HellaSwag accuracy: {correct}/{total}={correct / total:.4f}")
         run.log(f"{step} hella {correct / total:.4f}")
     if args.sample and compute.master and step > 0:
@@ -792,7 +844,8 @@ def evaluate(run, step):
             samples = sample_text(run.raw_model, run.enc, prompt, 4, 32 - len(run.enc.encode(prompt)),
                                   compute.device, seed=42)
         for i, text in enumerate(samples):
-            print(f"sample {i}: {text}")
+            one_line = text.replace("\n", "\\n")  # one line per sample, its newlines shown as \n
+            print(f"sample {i}: {one_line}")
     run.model.train()
 
 
@@ -818,7 +871,10 @@ def optimizer_step(run, step):
     norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), run.args.grad_clip)
     lr = get_lr(step, run.args)
     for param_group in optimizer.param_groups:
-        param_group["lr"] = lr
+        # one learning rate for every group (GPT-2's AdamW); with Muon each group has its share of it
+        param_group["lr"] = lr * param_group.get("lr_scale", 1.0)
+        if "momentum" in param_group:  # Muon's momentum warmup
+            param_group["momentum"] = variants.muon_momentum(step)
     optimizer.step()
     return loss_accum, norm, lr
 
@@ -856,11 +912,36 @@ def report_step(run, step, loss, lr, norm, dt):
     if not run.compute.master:
         return
     tokens_per_sec = run.args.total_batch_size / dt
-    mfu = "" if run.peak_flops is None else \
-        f" | mfu {mfu_percent(run.flops_per_token, tokens_per_sec, run.peak_flops, run.compute.world_size):.2f}%"
+    mfu = None if run.peak_flops is None else \
+        mfu_percent(run.flops_per_token, tokens_per_sec, run.peak_flops, run.compute.world_size)
+    elapsed = time.time() - run.started
+    eta = elapsed / (step + 1 - run.start_step) * (run.args.max_steps - step - 1)  # evaluations included
     print(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
-          f"dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f}{mfu}")
+          f"dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f}" + ("" if mfu is None else f" | mfu {mfu:.2f}%") +
+          f" | elapsed {duration(elapsed)} | eta {duration(eta)}")
     run.log(f"{step} train {loss:.6f}")
+    run.metrics(step, **{"train/loss": loss, "lr": lr, "norm": norm, "tok_per_sec": tokens_per_sec},
+                **({} if mfu is None else {"mfu": mfu}))
+
+
+def duration(seconds):
+    """12s, 3m05s, 2h07m: the step line's elapsed time and ETA."""
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def print_summary(run):
+    """What the run did, on rank 0 once the last step is done."""
+    args = run.args
+    steps = args.max_steps - run.start_step
+    final = os.path.join(args.log_dir, f"model_{args.max_steps - 1:05d}.pt")
+    hella = "" if run.hella is None else f" | HellaSwag {run.hella:.4f}"
+    print(f"done: {steps} steps ({args.max_steps * args.total_batch_size:,} tokens in all) in "
+          f"{duration(time.time() - run.started)} | val loss {run.val_loss:.4f}{hella} | model {final}")
 
 
 # -----------------------------------------------------------------------------
@@ -876,8 +957,18 @@ def micro_batch_size(value):
         raise argparse.ArgumentTypeError(f"expected a number or auto, got {value!r}") from None
 
 
+# --first_try: a 4-layer, 128-wide GPT on Tiny Shakespeare (`python fineweb.py --dataset shakespeare`), a few
+# minutes on a laptop's CPU; HellaSwag on its first 200 examples
+FIRST_TRY = dict(data_dir="tinyshakespeare", n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16,
+                 seq_len=128, total_batch_size=2048, max_steps=200, warmup_steps=20, eval_every=50, val_steps=10,
+                 hellaswag_limit=200, checkpoint_every=100, save_every=50)
+
+
 def add_recipe_flags(p):
     """The recipe's flags: data, batch, optimization, evaluation, checkpoints, the model."""
+    p.add_argument("--first_try", action="store_true",
+                   help="a tiny model on Tiny Shakespeare, minutes on a CPU: sets the data, model, batch and "
+                        "evaluation flags (those given still win)")
     g = p.add_argument_group("data and output")
     g.add_argument("--data_dir", default="edu_fineweb10B",
                    help="folder of *_train_* / *_val_* shards, .npy (build-nanogpt) or .bin (llm.c)")
@@ -927,6 +1018,25 @@ def add_recipe_flags(p):
     g.add_argument("--vocab_size", type=int, default=50304, help="50257 padded to a multiple of 128 for speed")
 
 
+def add_variant_flags(p):
+    """Beyond GPT-2's recipe (variants.py): each changes the math, none is on by default."""
+    g = p.add_argument_group("beyond GPT-2: architecture, optimizer, schedule (opt-in)")
+    g.add_argument("--recipe", choices=list(variants.RECIPES), default="gpt2",
+                   help="presets for the flags of this group and their learning rates: gpt2 (the defaults), llama "
+                        "(Llama blocks), speedrun (modded-nanogpt's modern blocks + Muon + WSD, 4578 steps)")
+    g.add_argument("--arch", choices=variants.ARCHS, default="gpt2",
+                   help="llama: RoPE, RMSNorm, SwiGLU; modern: RoPE, RMSNorm, QK-norm, ReLU^2, zero-init projections")
+    g.add_argument("--untie_head", action=argparse.BooleanOptionalAction, default=False,
+                   help="llama/modern: lm_head its own matrix, zero at init")
+    g.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
+                   help="muon: Muon at --max_lr on the blocks' matrices, AdamW on embedding, head, norms, biases")
+    g.add_argument("--adam_lr", type=finite_float, default=0.008, help="muon: AdamW's peak lr for head, norms, biases")
+    g.add_argument("--embed_lr", type=finite_float, default=0.6, help="muon with --untie_head: the embedding's peak lr")
+    g.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine",
+                   help="wsd: warmup, then --max_lr, then a linear cooldown to the min lr")
+    g.add_argument("--cooldown_frac", type=finite_float, default=0.28, help="wsd: the share of steps spent cooling down")
+
+
 def add_system_flags(p):
     """How to run it: device, precision, speed switches, benchmarking."""
     g = p.add_argument_group("system")
@@ -949,6 +1059,12 @@ def add_system_flags(p):
                    help="lm_head + loss ROWS rows at a time, never the whole batch's logits (0: off; same math)")
     g.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
                    help="load the next batch (pinned, non-blocking on CUDA) while the device works")
+    g = p.add_argument_group("logging")
+    g.add_argument("--wandb", action="store_true",
+                   help="also log to Weights & Biases (rank 0): losses, HellaSwag, lr, norm, tok/s, MFU; pip install "
+                        "wandb; WANDB_MODE=offline logs without an account")
+    g.add_argument("--wandb_project", default="gpt2-repro", help="the W&B project")
+    g.add_argument("--wandb_run_name", default=None, help="the W&B run's name (default: --log_dir's name)")
     g = p.add_argument_group("benchmarking")
     g.add_argument("--synthetic", action="store_true", help="random tokens instead of --data_dir's shards")
     g.add_argument("--benchmark", action="store_true",
@@ -958,13 +1074,16 @@ def add_system_flags(p):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Train GPT-2 from scratch; the defaults are the GPT-2 124M recipe.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Train GPT-2 from scratch; the defaults are the GPT-2 124M recipe.")
     add_recipe_flags(p)
+    add_variant_flags(p)
     add_system_flags(p)
+    known = p.parse_known_args(argv)[0]
+    # presets first, then what the command line says wins
+    p.set_defaults(**variants.RECIPES[known.recipe], **(FIRST_TRY if known.first_try else {}))
     args = p.parse_args(argv)
 
-    positive = ["seq_len", "total_batch_size", "max_steps", "warmup_steps", "eval_every",
+    positive = ["seq_len", "total_batch_size", "max_steps", "eval_every",
                 "val_steps", "checkpoint_every", "n_layer", "n_head", "n_embd", "block_size", "vocab_size"]
     if args.batch_size != "auto":
         positive.append("batch_size")
@@ -977,6 +1096,12 @@ def parse_args(argv=None):
         p.error(f"-T/--seq_len {args.seq_len} is longer than --block_size {args.block_size}")
     if args.warmup_steps >= args.max_steps:
         p.error(f"--warmup_steps {args.warmup_steps} must be below --max_steps {args.max_steps}")
+    if args.warmup_steps < 0:
+        p.error(f"--warmup_steps must be >= 0, got {args.warmup_steps}")
+    if args.untie_head and args.arch == "gpt2":
+        p.error("--untie_head is for --arch llama or modern; GPT-2 ties its head to the embedding")
+    if args.adam_lr <= 0 or args.embed_lr <= 0 or not 0 < args.cooldown_frac <= 1:
+        p.error("--adam_lr and --embed_lr must be positive, --cooldown_frac within (0, 1]")
     if args.max_lr <= 0 or not 0 <= args.min_lr_ratio <= 1:
         p.error("--max_lr must be positive and --min_lr_ratio within [0, 1]")
     if args.weight_decay < 0 or args.grad_clip <= 0:

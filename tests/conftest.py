@@ -29,6 +29,7 @@ TINY_MODEL = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); run with `pytest -m cuda`")
+    config.addinivalue_line("markers", "slow: whole training runs and long sweeps; `pytest -m \"not slow\"` leaves them out")
 
 
 @pytest.fixture(scope="session")

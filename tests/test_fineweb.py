@@ -16,14 +16,14 @@ from conftest import REPO, assert_one_line_error, run, run_script
 import fineweb
 
 
-def expected_shards(texts, enc, shard_size):
+def expected_shards(texts, enc, shard_size, prefix="edufineweb"):
     """build-nanogpt's layout: the stream of <|endoftext|> + document tokens, cut every shard_size tokens."""
     stream = np.concatenate([np.array([enc.eot_token] + enc.encode_ordinary(t), dtype=np.uint16) for t in texts])
     out = []
     for i, start in enumerate(range(0, len(stream), shard_size)):
         buf = io.BytesIO()
         np.save(buf, stream[start:start + shard_size])
-        out.append((f"edufineweb_{'val' if i == 0 else 'train'}_{i:06d}.npy", buf.getvalue()))
+        out.append((f"{prefix}_{'val' if i == 0 else 'train'}_{i:06d}.npy", buf.getvalue()))
     return out
 
 
@@ -131,6 +131,7 @@ def novels(enc):
     return NOVELS
 
 
+@pytest.mark.slow
 def test_killed_run_continues_byte_identical(tmp_path, novels):
     """Kill -9 after some shards, twice, and rerun: the shards equal an uninterrupted run's, byte for byte.
     The novels are ~200k tokens each and span several 40k-token shards: the restart points fall inside
@@ -222,10 +223,11 @@ def test_shakespeare_preset(tmp_path, shakespeare_path, enc):
     proc = run_script("fineweb.py", "--dataset", "shakespeare", "--out_dir", out)
     assert proc.returncode == 0, proc.stderr
     text = open(shakespeare_path).read()
-    assert shard_files(out) == expected_shards([text], enc, 50_000)
-    assert [n for n, _ in shard_files(out)][:2] == ["edufineweb_val_000000.npy", "edufineweb_train_000001.npy"]
+    assert shard_files(out) == expected_shards([text], enc, 50_000, prefix="tinyshakespeare")
+    assert [n for n, _ in shard_files(out)][:2] == ["tinyshakespeare_val_000000.npy", "tinyshakespeare_train_000001.npy"]
 
 
+@pytest.mark.slow
 def test_bad_inputs_give_one_line_errors(tmp_path, enc):
     proc = run_script("fineweb.py", "--dataset", "no-such-org/no-such-dataset", "--out_dir", tmp_path / "o")
     assert_one_line_error(proc, "could not load no-such-org/no-such-dataset", "Hugging Face hub", "--dataset")

@@ -12,6 +12,7 @@ import hellaswag
 from common import UserError, download_file
 
 
+@pytest.mark.slow
 def test_render_every_val_example(hellaswag_dir, enc):
     n = 0
     for n, example in enumerate(hellaswag.iterate_examples("val", hellaswag_dir), start=1):
@@ -104,6 +105,7 @@ def test_scored_position_losses_equal_full_logits():
         assert torch.allclose(g, w, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_batched_predictions_equal_one_at_a_time(hellaswag_dir):
     """300 real val examples: packed batches (and compiled) pick exactly what one-by-one scoring picks."""
     gpt, model = tiny_gpt()
@@ -130,6 +132,7 @@ def test_evaluate_splits_examples_across_ranks(hellaswag_dir):
     assert {i: v for p in parts for i, v in p.predictions.items()} == whole.predictions
 
 
+@pytest.mark.slow
 def test_command_line_scores_transformers_and_checkpoints(tmp_path, hellaswag_dir):
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -30,6 +30,7 @@ def checkpoint(tmp_path_factory):
     return path, model
 
 
+@pytest.mark.slow
 def test_kv_cache_generation_equals_cache_free():
     model = random_gpt()
     idx = torch.randint(0, 50257, (3, 7), generator=torch.Generator().manual_seed(0))
@@ -67,6 +68,7 @@ def test_generation_past_block_size_slides_the_window():
         model.hidden_states(torch.zeros((1, 97), dtype=torch.long))
 
 
+@pytest.mark.slow
 def test_sample_command(checkpoint, enc):
     path, _ = checkpoint
     args = ["-m", path, "--prompt", "Once upon a time", "--num_samples", 3, "--max_new_tokens", 12, "--seed", 7]
@@ -79,6 +81,7 @@ def test_sample_command(checkpoint, enc):
     assert_one_line_error(run_script("sample.py", "-m", "missing.pt"), "checkpoint missing.pt does not exist")
 
 
+@pytest.mark.slow
 def test_export_to_transformers_and_back(checkpoint, tmp_path, enc):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
@@ -105,3 +108,25 @@ def test_export_to_transformers_and_back(checkpoint, tmp_path, enc):
     assert tokenizer.eos_token_id == 50256
 
     assert_one_line_error(run_script("export.py", path, out), "is not empty")
+
+
+def test_sample_defaults_to_the_newest_checkpoint_in_log(checkpoint, tmp_path, capsys):
+    import shutil
+
+    import sample
+
+    path, _ = checkpoint
+    os.makedirs(tmp_path / "log")
+    shutil.copy(path, tmp_path / "log" / "model_00100.pt")
+    shutil.copy(path, tmp_path / "log" / "ckpt_00050.pt")
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        sample.main(["--num_samples", "1", "--max_new_tokens", "2", "--device", "cpu"])
+        assert capsys.readouterr().out.startswith("model: log/model_00100.pt\n")
+        os.rename("log", "elsewhere")
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--device", "cpu"])
+        assert "no checkpoint in log/" in str(e.value) and "\n" not in str(e.value)
+    finally:
+        os.chdir(cwd)

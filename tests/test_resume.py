@@ -21,6 +21,8 @@ import checkpoints
 import fineweb
 import train_gpt2
 
+pytestmark = pytest.mark.slow  # real training processes: left out of `pytest -m "not slow"`
+
 STEPS = 16
 
 

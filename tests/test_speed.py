@@ -8,6 +8,8 @@ import sys
 import pytest
 from conftest import REPO, TINY_MODEL, read_log, run, run_script
 
+pytestmark = pytest.mark.slow  # real training processes: left out of `pytest -m "not slow"`
+
 BENCH = ["--benchmark", *TINY_MODEL, "-B", 4, "-T", 64, "--total_batch_size", 512, "--warmup_steps", 2,
          "--max_lr", 3e-3]
 

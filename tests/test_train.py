@@ -1,6 +1,7 @@
 """Real training runs on CPU: learning, compile with eval, DDP equivalence, checkpoints, the notebook, bad flags."""
 
 import os
+import re
 import sys
 
 import nbformat
@@ -23,6 +24,7 @@ def shakespeare_run(tmp_path_factory, shakespeare_shards, hellaswag_dir):
     return log_dir, proc.stdout
 
 
+@pytest.mark.slow
 def test_training_learns_and_logs_in_build_nanogpt_format(shakespeare_run):
     log_dir, stdout = shakespeare_run
     with open(os.path.join(log_dir, "log.txt")) as f:
@@ -41,26 +43,29 @@ def test_training_learns_and_logs_in_build_nanogpt_format(shakespeare_run):
         assert field in stdout
 
 
+@pytest.mark.slow
 def test_checkpoints_hold_model_config_step_and_val_loss(shakespeare_run):
     log_dir, _ = shakespeare_run
     assert sorted(os.listdir(log_dir)) == ["log.txt", "model_00050.pt", "model_00099.pt", "train_gpt2.lock"]
     ckpt = torch.load(os.path.join(log_dir, "model_00099.pt"), map_location="cpu", weights_only=True)
     assert ckpt["step"] == 99 and ckpt["config"] == dict(block_size=64, vocab_size=50304, n_layer=2, n_head=2,
-                                                         n_embd=64)
+                                                         n_embd=64, arch="gpt2", untie_head=False)
     assert ckpt["val_loss"] == pytest.approx(read_log(os.path.join(log_dir, "log.txt"))["val"][99], abs=1e-4)
     model = train_gpt2.GPT.from_pretrained(os.path.join(log_dir, "model_00099.pt"))
     assert torch.equal(model.lm_head.weight, ckpt["model"]["lm_head.weight"])
 
 
+@pytest.mark.slow
 def test_notebook_runs_on_the_log(shakespeare_run, tmp_path):
     from nbclient import NotebookClient
 
     log_dir, _ = shakespeare_run
     nb = nbformat.read(os.path.join(REPO, "play.ipynb"), as_version=4)
     first = next(c for c in nb.cells if c.cell_type == "code")
-    assert 'log_path = "log/log.txt"' in first.source
-    first.source = first.source.replace('"log/log.txt"', repr(os.path.join(log_dir, "log.txt")))
-    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert 'log_dir = "log"' in first.source
+    first.source = first.source.replace('"log"', repr(log_dir))
+    # run from the repository, as a user opens it; it writes only the PNG, into the run's folder
+    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": REPO}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     text = "".join(o.get("text", "") for o in outputs)
     log = read_log(os.path.join(log_dir, "log.txt"))
@@ -68,8 +73,29 @@ def test_notebook_runs_on_the_log(shakespeare_run, tmp_path):
     assert f"min val loss: {min(log['val'].values()):.4f}" in text
     assert f"max HellaSwag acc_norm: {max(log['hella'].values()):.4f}" in text
     assert any("image/png" in o.get("data", {}) for o in outputs)
+    png = os.path.join(log_dir, "curves.png")
+    assert f"saved {png}" in text and open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    os.remove(png)  # the module's other tests list the folder
 
 
+@pytest.mark.slow
+def test_plot_labels_the_run_by_its_own_size_and_hellaswag_sample(shakespeare_run, tmp_path):
+    import plot_log
+
+    log_dir, _ = shakespeare_run
+    fig, path = plot_log.plot(log_dir, out=str(tmp_path / "curves.png"))
+    ax_loss, ax_hella = fig.axes
+    labels = [t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()]
+    size = sum({p.data_ptr(): p.numel() for p in train_gpt2.GPT.from_pretrained(
+        os.path.join(log_dir, "model_00099.pt")).state_dict().values()}.values())
+    assert f"this run ({size / 1e6:.0f}M parameters): train loss" in labels and not any("124M: train" in x for x in labels)
+    assert f"this run ({size / 1e6:.0f}M parameters), 16 examples per point" in labels and "chance (1 in 4)" in labels
+    assert "OpenAI GPT-3 Small, 125M (paper)" in labels
+    assert ax_loss.get_yscale() == "linear" and open(path, "rb").read(4) == b"\x89PNG"
+    assert plot_log.describe_run(str(tmp_path)) == ("this run", None)  # build-nanogpt's logs: no checkpoint
+
+
+@pytest.mark.slow
 def test_compile_on_runs_eval_and_sampling(shakespeare_shards, hellaswag_dir, tmp_path):
     """build-nanogpt had to turn torch.compile off for HellaSwag and sampling; here they run with it on."""
     proc = run_script("train_gpt2.py", "--data_dir", shakespeare_shards, "--log_dir", tmp_path / "log", *TINY_MODEL,
@@ -88,6 +114,7 @@ def tiny_ddp_args(data_dir, log_dir, val_steps):
             "--eval_every", 3, "--val_steps", val_steps, "--hellaswag_limit", 10, "--no-sample"]
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_equals_one_process_with_double_accumulation(tmp_path, hellaswag_dir):
     """2 ranks x 2 micro-steps and 1 rank x 4 micro-steps see the same tokens and take the same steps;
     HellaSwag split over 2 ranks sums to the same counts."""
@@ -169,6 +196,7 @@ def test_flag_values_are_checked_before_anything_is_written(tmp_path, shakespear
         assert e.value.code == 2 and reason in capsys.readouterr().err.strip().splitlines()[-1], flag
 
 
+@pytest.mark.slow
 def test_missing_hellaswag_offline_and_corrupt_shard_in_a_real_process(tmp_path, shakespeare_shards, enc):
     base = ["--data_dir", shakespeare_shards, "--log_dir", tmp_path / "log", *TINY_MODEL, "-B", 2, "-T", 32]
     # the proxy makes every request fail at once, with or without a network
@@ -184,3 +212,116 @@ def test_missing_hellaswag_offline_and_corrupt_shard_in_a_real_process(tmp_path,
     (tmp_path / "bad" / "edufineweb_train_000009.npy").write_bytes(b"\x93NUMPY garbage")
     proc = run_script("train_gpt2.py", *base, "--data_dir", tmp_path / "bad", "--no-hellaswag")
     assert_one_line_error(proc, "edufineweb_train_000009.npy is unreadable", "rerun `python fineweb.py`")
+
+
+@pytest.mark.parametrize("script, argv, needle", [
+    ("train_gpt2", ["--max_steps", "0"], "--max_steps must be positive"),
+    ("train_gpt2", ["--arch", "gpt3"], "invalid choice: 'gpt3'"),
+    ("fineweb", ["--num_proc", "x"], "invalid int value: 'x'"),
+    ("hellaswag", ["--split", "test"], "invalid choice: 'test'"),
+    ("sample", ["--num_samples", "0"], "must be positive"),
+    ("export", [], "the following arguments are required"),
+])
+def test_flag_errors_are_one_line_pointing_at_help(script, argv, needle, capsys):
+    module = __import__(script)
+    with pytest.raises(SystemExit) as e:
+        module.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err and err.endswith("(see --help)\n"), err
+
+
+@pytest.mark.parametrize("script", ["train_gpt2", "fineweb", "hellaswag", "sample", "export"])
+def test_help_shows_one_default_per_flag(script, capsys):
+    with pytest.raises(SystemExit):
+        __import__(script).main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # one line: wrapped help joined again
+    assert "(default: None)" not in out
+    assert not re.search(r"\(default[^()]*\) \(default", out), out
+
+
+@pytest.mark.slow
+def test_first_try_preset_reports_eta_and_summary_then_a_rerun_is_complete(shakespeare_shards, hellaswag_dir,
+                                                                           tmp_path):
+    args = ["--first_try", "--data_dir", shakespeare_shards, "--log_dir", tmp_path / "log", "--max_steps", 4,
+            "--warmup_steps", 1, "--eval_every", 3, "--hellaswag_limit", 8]
+    proc = run_script("train_gpt2.py", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "model: " in proc.stdout and "total batch 2,048 tokens = 16 x 128" in proc.stdout  # the preset's sizes
+    step_lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
+    assert len(step_lines) == 4 and all(re.search(r"\| elapsed \d+s \| eta \d+s$", line) for line in step_lines)
+    samples = [line for line in proc.stdout.splitlines() if line.startswith("sample ")]
+    assert len(samples) == 4 and all("Hello, I'm a language model," in s for s in samples)
+    # a sample's newlines are escaped: every line of the output is one of the run's own kinds of line
+    kinds = ("device ", "recipe ", "model: ", "total batch", "data", "train shards", "MFU ", "validation loss",
+             "HellaSwag", "step ", "sample ", "saved ", "done: ")
+    assert all(line.startswith(kinds) for line in proc.stdout.splitlines()), proc.stdout
+    summary = proc.stdout.strip().splitlines()[-1]
+    log = read_log(tmp_path / "log" / "log.txt")
+    assert summary.startswith("done: 4 steps (8,192 tokens in all) in ") and f"val loss {log['val'][3]:.4f}" in summary
+    assert f"HellaSwag {log['hella'][3]:.4f}" in summary and str(tmp_path / "log" / "model_00003.pt") in summary
+    before = open(tmp_path / "log" / "log.txt").read()
+    again = run_script("train_gpt2.py", *args)
+    assert again.returncode == 0 and "holds a complete run" in again.stdout and "nothing to do" in again.stdout
+    assert open(tmp_path / "log" / "log.txt").read() == before
+
+
+def wandb_history(run_dir):
+    """The rows a W&B run logged, read back from its offline .wandb file (LevelDB's log format: a 7-byte
+    file header, then records of crc32, length, type in 32 KiB blocks), parsed with wandb's own protobuf."""
+    import json
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = [os.path.join(run_dir, n) for n in os.listdir(run_dir) if n.endswith(".wandb")]
+    data, block = open(path, "rb").read(), 32768
+    pos, pending, rows, config = 7, b"", [], {}
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        pending += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last piece of one
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+            elif record.WhichOneof("record_type") == "run":
+                config = {i.key: json.loads(i.value_json) for i in record.run.config.update}
+    return rows, config
+
+
+@pytest.mark.slow
+def test_wandb_offline_logs_what_log_txt_logs_and_more(shakespeare_shards, hellaswag_dir, tmp_path):
+    pytest.importorskip("wandb")
+    args = ["--data_dir", shakespeare_shards, "--log_dir", tmp_path / "myrun", *TINY_MODEL, "-B", 4, "-T", 32,
+            "--total_batch_size", 256, "--max_steps", 4, "--warmup_steps", 1, "--eval_every", 3, "--val_steps", 2,
+            "--hellaswag_limit", 4, "--no-sample", "--wandb", "--wandb_project", "tests", "--peak_tflops", 1]
+    proc = run_script("train_gpt2.py", *args, env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path),
+                                                   "WANDB_SILENT": "true"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = [os.path.join(tmp_path, "wandb", n) for n in os.listdir(tmp_path / "wandb") if n.startswith("offline-run")]
+    rows, config = wandb_history(run_dir)
+    log = read_log(tmp_path / "myrun" / "log.txt")
+    by_step = {}
+    for row in rows:
+        by_step.setdefault(row["_step"], {}).update(row)
+    assert sorted(by_step) == [0, 1, 2, 3]
+    for step, row in by_step.items():
+        assert f"{row['train/loss']:.6f}" == f"{log['train'][step]:.6f}"
+        assert {"lr", "norm", "tok_per_sec", "mfu"} <= set(row) and row["lr"] > 0
+    for step in (0, 3):
+        assert f"{by_step[step]['val/loss']:.4f}" == f"{log['val'][step]:.4f}"
+        assert f"{by_step[step]['hellaswag/acc_norm']:.4f}" == f"{log['hella'][step]:.4f}"
+    assert config["max_steps"] == 4 and config["wandb_project"] == "tests"
+
+
+def test_wandb_missing_is_one_line_naming_the_install(shakespeare_shards, tmp_path):
+    code = ("import sys; sys.modules['wandb'] = None; import train_gpt2; "  # as if wandb were not installed
+            f"train_gpt2.main({[str(a) for a in ['--data_dir', shakespeare_shards, '--log_dir', tmp_path / 'log', *TINY_MODEL, '-B', 2, '-T', 32, '--wandb', '--no-hellaswag']]})")
+    proc = run([sys.executable, "-c", code], cwd=REPO)
+    assert_one_line_error(proc, "--wandb needs Weights & Biases", "pip install wandb")
+    assert not os.path.exists(tmp_path / "log")

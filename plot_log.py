@@ -1,0 +1,105 @@
+"""
+Plot a run's log.txt: train and val loss, and HellaSwag accuracy against OpenAI's GPT-2 124M and GPT-3
+Small (125M). play.ipynb draws the same figure; this makes it without Jupyter.
+
+    python plot_log.py               # log/log.txt -> log/curves.png
+    python plot_log.py path/to/log   # any run's folder (build-nanogpt's logs too)
+
+The run's series are labelled with its own size and HellaSwag sample, read from the newest checkpoint
+in the folder; a folder without one (e.g. build-nanogpt's) is labelled "this run".
+"""
+
+import os
+import sys
+
+# reference points (sources in the README): GPT-2 124M's val loss on FineWeb-Edu and its HellaSwag
+# acc_norm as build-nanogpt measured them; GPT-3 Small's HellaSwag from the GPT-3 paper
+GPT2_VAL_LOSS = 3.2924
+GPT2_HELLASWAG = 0.294463
+GPT3_SMALL_HELLASWAG = 0.337
+HELLASWAG_VAL_EXAMPLES = 10042
+CHANCE = 0.25  # four endings
+
+
+def read_log(path):
+    """{kind: {step: value}} of a log.txt; a later line for a step replaces an earlier one."""
+    streams = {}
+    with open(path) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 3:
+                step, kind, value = parts
+                streams.setdefault(kind, {})[int(step)] = float(value)
+    return streams
+
+
+def describe_run(log_dir):
+    """(label of the run, HellaSwag examples per point or None), from the newest checkpoint in log_dir."""
+    import torch  # only here: plotting a log needs no torch
+
+    from checkpoints import list_checkpoints
+
+    for _, path in list_checkpoints(log_dir):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # a damaged file: try the one before
+            continue
+        tensors = {t.data_ptr(): t.numel() for t in ckpt["model"].values()}  # a tied matrix counted once
+        size = sum(tensors.values())
+        label = f"{size / 1e6:.0f}M" if size >= 1e6 else f"{size / 1e3:.0f}K"
+        args = ckpt.get("args", {})
+        hella = (args.get("hellaswag_limit") or HELLASWAG_VAL_EXAMPLES) if args.get("hellaswag", True) else None
+        return f"this run ({label} parameters)", min(hella, HELLASWAG_VAL_EXAMPLES) if hella else None
+    return "this run", None
+
+
+def plot(log_dir, out=None):
+    """The figure of log_dir's run, saved as out (default log_dir/curves.png); returns (figure, path)."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    if "ipykernel" not in sys.modules:
+        matplotlib.use("Agg")  # no display needed outside a notebook
+    log_path = os.path.join(log_dir, "log.txt")
+    if not os.path.exists(log_path):
+        raise FileNotFoundError(f"no log at {log_path}: train first (python train_gpt2.py --first_try), "
+                                "or point at a run's folder")
+    streams = read_log(log_path)
+    label, examples = describe_run(log_dir)
+
+    def xy(kind):
+        points = sorted(streams.get(kind, {}).items())
+        return [s for s, _ in points], [v for _, v in points]
+
+    fig, (ax_loss, ax_hella) = plt.subplots(1, 2, figsize=(16, 6))
+    ax_loss.plot(*xy("train"), label=f"{label}: train loss", alpha=0.7)
+    ax_loss.plot(*xy("val"), label=f"{label}: val loss")
+    ax_loss.axhline(GPT2_VAL_LOSS, color="r", linestyle="--", label="OpenAI GPT-2 124M: val loss")
+    ax_loss.set(xlabel="step", ylabel="loss", title="Loss")
+    ax_loss.legend()
+
+    n = f", {examples:,} examples per point" if examples else ""
+    ax_hella.plot(*xy("hella"), marker="o", label=f"{label}{n}")
+    ax_hella.axhline(GPT2_HELLASWAG, color="r", linestyle="--", label="OpenAI GPT-2 124M (10,042 examples)")
+    ax_hella.axhline(GPT3_SMALL_HELLASWAG, color="g", linestyle="--", label="OpenAI GPT-3 Small, 125M (paper)")
+    ax_hella.axhline(CHANCE, color="gray", linestyle=":", label="chance (1 in 4)")
+    ax_hella.set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
+    ax_hella.legend()
+    fig.tight_layout()
+    path = out or os.path.join(log_dir, "curves.png")
+    fig.savefig(path, dpi=80)
+    return fig, path
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    log_dir = argv[0] if argv else "log"
+    try:
+        _, path = plot(log_dir)
+    except FileNotFoundError as e:
+        sys.exit(f"plot_log.py: error: {e}")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
