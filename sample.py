@@ -4,6 +4,7 @@ Sample text from a GPT-2: a checkpoint of train_gpt2.py or a transformers GPT-2 
     python sample.py                                       # the newest checkpoint in log/
     python sample.py -m log/model_19072.pt --prompt "The meaning of life is" --num_samples 4
     python sample.py -m gpt2 --max_new_tokens 200 --temperature 0.8 --top_k 40 --seed 1
+    python sample.py -m log/model_00199.pt@init            # that run's model before its first step
 
 Generation uses the model's KV cache: the prompt is run once, then one token per step.
 """
@@ -13,14 +14,37 @@ import sys
 
 import torch
 
+INIT = "@init"  # PATH@init: the weights the checkpoint's run started from (its config and --seed)
+
+
+def load_model(name, device):
+    """A checkpoint, transformers folder or hub name as a GPT in eval mode on `device`; `PATH@init` rebuilds
+    the run's initial weights, as train_gpt2.py made them before its first step."""
+    from common import UserError
+    from checkpoints import load_checkpoint
+    from train_gpt2 import GPT, GPTConfig
+
+    if not name.endswith(INIT):
+        return GPT.from_pretrained(name).to(device).eval()
+    ckpt = load_checkpoint(name[:-len(INIT)])
+    if "seed" not in ckpt.get("args", {}):
+        raise UserError(f"{name}: the checkpoint does not record its run's --seed, so its initial weights are unknown")
+    torch.manual_seed(ckpt["args"]["seed"])  # as build_model: seed, then the model, on the CPU
+    return GPT(GPTConfig(**ckpt["config"])).to(device).eval()
+
+
+def inference_context(device):
+    """bf16 autocast on CUDA, as training evaluates; full precision elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+
 
 def main(argv=None):
     from common import ArgumentParser, UserError, autodetect_device, finite_float, get_encoder
 
     p = ArgumentParser(description="Sample from a GPT-2 checkpoint.")
     p.add_argument("-m", "--model", default=None,
-                   help="a train_gpt2.py .pt checkpoint, gpt2 / gpt2-medium / ..., or a transformers directory "
-                        "(default: the newest checkpoint in log/)")
+                   help="a train_gpt2.py .pt checkpoint (PATH@init: its run's weights before training), gpt2 / "
+                        "gpt2-medium / ..., or a transformers directory (default: the newest checkpoint in log/)")
     p.add_argument("--prompt", default="Hello, I'm a language model,", help="the text to continue")
     p.add_argument("--num_samples", type=int, default=4, help="how many continuations")
     p.add_argument("--max_new_tokens", type=int, default=64, help="tokens to add to the prompt")
@@ -35,7 +59,7 @@ def main(argv=None):
         p.error("--prompt is empty: give some text for the model to continue")
 
     from checkpoints import list_checkpoints
-    from train_gpt2 import GPT, sample_text
+    from train_gpt2 import sample_text
 
     device = args.device or autodetect_device()
     if args.model is None:
@@ -47,12 +71,10 @@ def main(argv=None):
         print(f"model: {args.model}")
     try:
         enc = get_encoder()
-        model = GPT.from_pretrained(args.model).to(device)
+        model = load_model(args.model, device)
     except UserError as e:
         sys.exit(f"sample.py: error: {e}")
-    model.eval()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
-    with autocast:
+    with inference_context(device):
         texts = sample_text(model, enc, args.prompt, args.num_samples, args.max_new_tokens, device, args.seed,
                             args.temperature, args.top_k or None)
     for i, text in enumerate(texts):

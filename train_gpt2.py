@@ -233,8 +233,15 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
+        """Sample `max_new_tokens` tokens after each row of `idx` (B, T); returns (B, T + max_new_tokens)."""
+        for idx in self.generate_steps(idx, max_new_tokens, temperature, top_k, generator, use_cache):
+            pass
+        return idx
+
+    @torch.no_grad()
+    def generate_steps(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
         """
-        Sample `max_new_tokens` tokens after each row of `idx` (B, T); returns (B, T + max_new_tokens).
+        generate(), one token at a time: yields (B, T + n) after the n-th new token (for streaming).
         With the KV cache the prompt is run once and then one token per step; past block_size
         (where the window must slide) every step runs the whole, cropped sequence instead.
         """
@@ -254,7 +261,7 @@ class GPT(nn.Module):
             else:
                 new = torch.multinomial(probs, 1, generator=generator)
             idx = torch.cat((idx, new), dim=1)
-        return idx
+            yield idx
 
     def num_params(self, non_embedding=True):
         """Parameter count; the tied wte/lm_head matrix is counted once, wpe left out by default."""
@@ -451,13 +458,23 @@ def estimate_val_loss(model, val_batches, val_steps, device, autocast_ctx):
 
 def sample_text(model, enc, prompt, num_samples, max_new_tokens, device, seed, temperature=1.0, top_k=50):
     """`num_samples` continuations of `prompt`, decoded; the same seed gives the same texts."""
+    for texts in sample_stream(model, enc, prompt, num_samples, max_new_tokens, device, seed, temperature, top_k,
+                               every=max_new_tokens):
+        pass
+    return texts
+
+
+def sample_stream(model, enc, prompt, num_samples, max_new_tokens, device, seed, temperature=1.0, top_k=50, every=1):
+    """sample_text, streamed: yields the texts so far after every `every` new tokens, and at the end."""
     tokens = torch.tensor(enc.encode(prompt), dtype=torch.long, device=device)
     idx = tokens.unsqueeze(0).repeat(num_samples, 1)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
-    # a barely trained model can pick one of the padding ids past the tokenizer's vocabulary
-    return [enc.decode([t for t in row.tolist() if t < enc.n_vocab]) for row in out]
+    steps = model.generate_steps(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+    for n, idx in enumerate(steps, start=1):
+        if n % every == 0 or n == max_new_tokens:
+            # a barely trained model can pick one of the padding ids past the tokenizer's vocabulary
+            yield [enc.decode([t for t in row.tolist() if t < enc.n_vocab]) for row in idx]
 
 
 # -----------------------------------------------------------------------------

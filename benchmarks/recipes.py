@@ -10,7 +10,7 @@ baseline's (gpt2's) tokens at which each arm first reaches the baseline's full-b
 
     python fineweb.py --dataset ../shared/data/novels/english_novels_95.jsonl.xz --out_dir novels \\
         --shard_size 1000000
-    python benchmarks/recipes.py --data_dir novels      # the CPU proxy (about 20 minutes on 2 cores)
+    python benchmarks/recipes.py --data_dir novels      # the CPU proxy: 15 runs, 49 minutes on 2 busy cores
     # GPT-2 124M on 8 GPUs: 10B tokens for the full budget, so 0.25 of it is the speedrun's 2.5B
     python benchmarks/recipes.py --data_dir edu_fineweb10B --size 124M --device cuda --nproc 8 \\
         --steps 19073 --batch 524288 -B 64 -T 1024 --factors 1

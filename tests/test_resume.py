@@ -350,7 +350,7 @@ def test_only_the_runs_own_files_are_touched(reference, small_shards, tmp_path, 
     before = contents()
     capsys.readouterr()
     assert run_main(*args(done)) == 0
-    assert "holds a finished run (its log reaches step 15, --max_steps is 16); nothing to do" in capsys.readouterr().out
+    assert "holds a complete run (its log reaches step 15, --max_steps is 16); nothing to do" in capsys.readouterr().out
     assert run_main(*args(done, "--max_steps", 10)) == 0
     other = os.path.join(str(mine), "ckpt_00012.pt")
     msg = run_main(*args(done, "--resume", other))
