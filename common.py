@@ -218,23 +218,37 @@ def tell_other_ranks(message):
 
 
 def exit_when_another_rank_fails(what):
-    """Watch the store twice a second; when another rank has failed, print its message and exit."""
+    """Watch the store twice a second; when another rank has failed, print its message and exit. The watch
+    ends, and its store client is closed in its own thread, before the interpreter shuts down: a client still
+    inside a call at exit can abort the process ("terminate called without an active exception")."""
+    import atexit
     import sys
     import threading
-    import time
+
+    stop = threading.Event()
 
     def watch():
         try:
             store = _rendezvous_store()
             while not store.check([RANK_ERROR_KEY]) or _told_others:
-                time.sleep(0.5)
+                if stop.wait(0.5):
+                    return
             message = store.get(RANK_ERROR_KEY).decode()
         except Exception:  # no store to watch (not started by torchrun), or it is gone: torchrun ends the ranks
             return
+        finally:
+            store = None  # closed here, not during the interpreter's shutdown
         print(f"{what}: stopping, another rank failed: {message}", file=sys.stderr, flush=True)
         os._exit(1)
 
-    threading.Thread(target=watch, daemon=True, name="exit_when_another_rank_fails").start()
+    thread = threading.Thread(target=watch, daemon=True, name="exit_when_another_rank_fails")
+    thread.start()
+
+    def end_watch():
+        stop.set()
+        thread.join(timeout=5)
+
+    atexit.register(end_watch)
 
 
 def autodetect_device():
