@@ -108,7 +108,7 @@ def check_same_data(ckpt, identity, args):
 
 
 def save_checkpoint(path, model, optimizer, step, val_loss, args, train_loader, val_loader, world_size,
-                    identity):
+                    identity, wandb_id=None):
     # a diverged state is never saved: it would rotate the last healthy resume points away
     if not all(torch.isfinite(t).all() for t in model.state_dict().values()):
         raise UserError(f"not saving {path}: the weights hold NaN or inf, the run diverged before step {step}; "
@@ -125,6 +125,8 @@ def save_checkpoint(path, model, optimizer, step, val_loss, args, train_loader, 
         "data_identity": identity,
         "rng": rng_state(),
     }
+    if wandb_id is not None:  # a resumed run goes on logging into the same W&B run
+        payload["wandb_id"] = wandb_id
     atomic_torch_save(dict(payload, checksum=payload_crc(payload)), path)
 
 

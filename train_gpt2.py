@@ -41,8 +41,8 @@ from common import (ArgumentParser, UserError, check_device_type, import_wandb, 
 from fineweb import BIN_MAGIC, BIN_VERSION  # the shard writer's .bin header
 from hf_convert import from_transformers
 from speed import (COMPILE_MODES, SDPA_BACKENDS, DevicePrefetcher, SyntheticLoader, auto_micro_batch,
-                   chunked_cross_entropy, device_peak_flops, micro_batch_candidates, mfu_percent, print_benchmark,
-                   select_sdpa_backend)
+                   chunked_cross_entropy, device_peak_flops, keep_freed_cpu_memory, micro_batch_candidates,
+                   mfu_percent, print_benchmark, select_sdpa_backend)
 
 # -----------------------------------------------------------------------------
 # The model: GPT-2 exactly (pre-LayerNorm blocks, learned positions, tied embeddings)
@@ -554,6 +554,7 @@ class Compute:
     dtype: str  # "bf16" (autocast) or "fp32"
     autocast_ctx: object
     use_compile: bool
+    keeps_freed_memory: bool = False  # on CPU: see speed.keep_freed_cpu_memory
 
     @property
     def master(self):
@@ -584,7 +585,8 @@ def compute_init(args):
                     else contextlib.nullcontext())
     use_compile = args.compile if args.compile is not None else device_type == "cuda"
     select_sdpa_backend(args.sdpa_backend, device_type)
-    return Compute(ddp, rank, local_rank, world_size, device, device_type, dtype, autocast_ctx, use_compile)
+    kept = device_type == "cpu" and args.keep_freed_memory and keep_freed_cpu_memory()
+    return Compute(ddp, rank, local_rank, world_size, device, device_type, dtype, autocast_ctx, use_compile, kept)
 
 
 @dataclass
@@ -688,7 +690,9 @@ def setup_run(args, compute, inputs, was_ours):
               peak_flops=device_peak_flops(compute.device_type, args.peak_tflops))
     describe_run(run, ckpt["path"] if ckpt else None, notes)
     if args.wandb and compute.master:
-        run.wandb = import_wandb().init(project=args.wandb_project, config=vars(args),
+        wandb_id = ckpt.get("wandb_id") if ckpt else None  # resumed: the same W&B run goes on
+        run.wandb = import_wandb().init(project=args.wandb_project, config=vars(args), id=wandb_id,
+                                        resume="allow" if wandb_id else None,
                                         name=args.wandb_run_name or os.path.basename(os.path.abspath(args.log_dir)))
     return run
 
@@ -778,7 +782,8 @@ def describe_run(run, resumed_from, notes):
     compute.print0(f"device {compute.device} | dtype {compute.dtype} | compile {compute.use_compile}"
                    + (f" ({args.compile_mode})" if compute.use_compile else "") + f" | processes {W} | attention "
                    f"{args.attention} ({args.sdpa_backend}) | fused AdamW {optimizer.defaults.get('fused') or False} | "
-                   f"chunked CE {args.chunked_ce or 'off'} | prefetch {args.prefetch}")
+                   f"chunked CE {args.chunked_ce or 'off'} | prefetch {args.prefetch}"
+                   + (f" | keep freed memory {compute.keeps_freed_memory}" if compute.device_type == "cpu" else ""))
     compute.print0(f"recipe {args.recipe}: arch {args.arch}{' (untied head)' if args.untie_head else ''} | "
                    f"optimizer {args.optimizer} | schedule {args.schedule}")
     compute.print0(f"model: {n_params:,} parameters ({n_decay:,} decayed, {n_params - n_decay:,} not)")
@@ -824,8 +829,9 @@ def checkpoint_or_stop(run, step, stop, timed, milestone, stop_signals):
 def save(run, name, step):
     """{name}_{step}.pt in --log_dir, holding everything the next step depends on."""
     path = os.path.join(run.args.log_dir, f"{name}_{step:05d}.pt")
+    wandb_id = run.wandb.id if run.wandb is not None else None
     save_checkpoint(path, run.raw_model, run.optimizer, step, run.val_loss, run.args, run.train_batches,
-                    run.val_batches, run.compute.world_size, run.data_identity)
+                    run.val_batches, run.compute.world_size, run.data_identity, wandb_id)
     print(f"saved {path}")
     run.last_save = time.time()
     return path
@@ -1076,6 +1082,9 @@ def add_system_flags(p):
                    help="lm_head + loss ROWS rows at a time, never the whole batch's logits (0: off; same math)")
     g.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
                    help="load the next batch (pinned, non-blocking on CUDA) while the device works")
+    g.add_argument("--keep_freed_memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CPU (Linux, glibc): freed memory stays in the process for the next step instead of "
+                        "going back to the kernel; small models' steps about 1.6x faster, peak memory ~20%% higher")
     g = p.add_argument_group("logging")
     g.add_argument("--wandb", action="store_true",
                    help="also log to Weights & Biases (rank 0): losses, HellaSwag, lr, norm, tok/s, MFU; pip install "

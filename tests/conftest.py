@@ -24,6 +24,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))
 
+# the tests train tiny models in this process too: as train_gpt2.py does on CPU, keep freed memory for reuse
+import speed  # noqa: E402
+
+speed.keep_freed_cpu_memory()
+
 TINY_MODEL = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64"]
 
 

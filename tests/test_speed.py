@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import re
 import sys
 
@@ -53,10 +54,11 @@ def base_run(shakespeare_shards, tmp_path_factory):
     (["--chunked_ce", 100], "chunked CE 100"),  # 256-row micro-batches: chunks of 100, 100, 56
     (["--sdpa_backend", "math"], "attention sdpa (math)"),
     (["--no-prefetch"], "prefetch False"),
+    (["--no-keep_freed_memory"], "keep freed memory False"),
 ])
 def test_same_math_gives_the_same_loss_curve(variant, banner, base_run, shakespeare_shards, tmp_path):
     """Speed choices (written-out attention, fused AdamW, the loss in chunks, another attention kernel, no
-    prefetching): on real text the train and val losses must not move."""
+    prefetching, glibc's default malloc): on real text the train and val losses must not move."""
     stdout, b = same_math_run(shakespeare_shards, str(tmp_path / "log"), *map(str, variant))
     assert banner in stdout
     a = base_run[1]
@@ -65,6 +67,31 @@ def test_same_math_gives_the_same_loss_curve(variant, banner, base_run, shakespe
         assert sorted(a[kind]) == sorted(b[kind])
         for step, value in a[kind].items():
             assert b[kind][step] == pytest.approx(value, abs=2e-5), (kind, step)
+
+
+RSS_AFTER_A_FREE = """
+import os, torch, speed
+applied = speed.keep_freed_cpu_memory()
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+before = rss()
+x = torch.ones(50_000_000)  # 200 MB, written
+del x
+print(applied, (rss() - before) // 10**6)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_freed_memory_stays_for_the_next_step_unless_the_user_set_malloc(base_run):
+    """What --keep_freed_memory (on by default on CPU) does: a freed 200 MB block stays in the process, where
+    glibc alone would unmap it; and a user's own MALLOC_* or preloaded allocator is left alone."""
+    assert "keep freed memory True" in base_run[0]
+    kept = run([sys.executable, "-c", RSS_AFTER_A_FREE], cwd=REPO)
+    default = run([sys.executable, "-c", RSS_AFTER_A_FREE], cwd=REPO, env={"MALLOC_ARENA_MAX": "4"})
+    assert kept.returncode == default.returncode == 0, kept.stderr + default.stderr
+    applied, grown = kept.stdout.split()
+    assert applied == "True" and int(grown) >= 190, kept.stdout
+    applied, grown = default.stdout.split()
+    assert applied == "False" and int(grown) < 50, default.stdout
 
 
 def test_ladder_runs_every_rung():

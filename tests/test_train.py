@@ -14,12 +14,12 @@ import train_gpt2
 
 @pytest.fixture(scope="module")
 def shakespeare_run(tmp_path_factory, shakespeare_shards, hellaswag_dir):
-    """100 steps of a tiny GPT on Tiny Shakespeare with gradient accumulation, eval, HellaSwag and samples."""
+    """40 steps of a tiny GPT on Tiny Shakespeare with gradient accumulation, eval, HellaSwag and samples."""
     log_dir = str(tmp_path_factory.mktemp("run") / "log")
     proc = run_script("train_gpt2.py", "--data_dir", shakespeare_shards, "--log_dir", log_dir, *TINY_MODEL,
-                      "-B", 8, "-T", 64, "--total_batch_size", 1024, "--max_steps", 100, "--warmup_steps", 10,
-                      "--max_lr", 3e-3, "--eval_every", 33, "--val_steps", 4, "--hellaswag_limit", 16,
-                      "--checkpoint_every", 50)
+                      "-B", 8, "-T", 64, "--total_batch_size", 1024, "--max_steps", 40, "--warmup_steps", 5,
+                      "--max_lr", 3e-3, "--eval_every", 13, "--val_steps", 4, "--hellaswag_limit", 16,
+                      "--checkpoint_every", 20)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return log_dir, proc.stdout
 
@@ -30,13 +30,13 @@ def test_training_learns_and_logs_in_build_nanogpt_format(shakespeare_run):
     with open(os.path.join(log_dir, "log.txt")) as f:
         lines = f.read().splitlines()
     log = read_log(os.path.join(log_dir, "log.txt"))
-    assert sorted(log["train"]) == list(range(100))
-    assert sorted(log["val"]) == sorted(log["hella"]) == [0, 33, 66, 99]
+    assert sorted(log["train"]) == list(range(40))
+    assert sorted(log["val"]) == sorted(log["hella"]) == [0, 13, 26, 39]
     # the exact line formats build-nanogpt writes
     assert lines[0] == f"0 val {log['val'][0]:.4f}" and lines[1] == f"0 hella {log['hella'][0]:.4f}"
     assert f"0 train {log['train'][0]:.6f}" in lines
     assert abs(log["val"][0] - 10.83) < 0.1  # ln(50257): the untrained model guesses uniformly
-    assert log["val"][99] < log["val"][0] - 3.5
+    assert log["val"][39] < log["val"][0] - 3.5
     assert "accumulation steps" in stdout and " x 2 accumulation" in stdout
     assert stdout.count("sample 0: Hello, I'm a language model,") == 3  # not at step 0
     for field in ("| loss ", "| lr ", "| norm ", "| dt ", "| tok/sec ", "| mfu "):
@@ -46,12 +46,12 @@ def test_training_learns_and_logs_in_build_nanogpt_format(shakespeare_run):
 @pytest.mark.slow
 def test_checkpoints_hold_model_config_step_and_val_loss(shakespeare_run):
     log_dir, _ = shakespeare_run
-    assert sorted(os.listdir(log_dir)) == ["log.txt", "model_00050.pt", "model_00099.pt", "train_gpt2.lock"]
-    ckpt = torch.load(os.path.join(log_dir, "model_00099.pt"), map_location="cpu", weights_only=True)
-    assert ckpt["step"] == 99 and ckpt["config"] == dict(block_size=64, vocab_size=50304, n_layer=2, n_head=2,
+    assert sorted(os.listdir(log_dir)) == ["log.txt", "model_00020.pt", "model_00039.pt", "train_gpt2.lock"]
+    ckpt = torch.load(os.path.join(log_dir, "model_00039.pt"), map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 39 and ckpt["config"] == dict(block_size=64, vocab_size=50304, n_layer=2, n_head=2,
                                                          n_embd=64, arch="gpt2", untie_head=False)
-    assert ckpt["val_loss"] == pytest.approx(read_log(os.path.join(log_dir, "log.txt"))["val"][99], abs=1e-4)
-    model = train_gpt2.GPT.from_pretrained(os.path.join(log_dir, "model_00099.pt"))
+    assert ckpt["val_loss"] == pytest.approx(read_log(os.path.join(log_dir, "log.txt"))["val"][39], abs=1e-4)
+    model = train_gpt2.GPT.from_pretrained(os.path.join(log_dir, "model_00039.pt"))
     assert torch.equal(model.lm_head.weight, ckpt["model"]["lm_head.weight"])
 
 
@@ -87,7 +87,7 @@ def test_plot_labels_the_run_by_its_own_size_and_hellaswag_sample(shakespeare_ru
     ax_loss, ax_hella = fig.axes
     labels = [t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()]
     size = sum({p.data_ptr(): p.numel() for p in train_gpt2.GPT.from_pretrained(
-        os.path.join(log_dir, "model_00099.pt")).state_dict().values()}.values())
+        os.path.join(log_dir, "model_00039.pt")).state_dict().values()}.values())
     assert f"this run ({size / 1e6:.0f}M parameters): train loss" in labels and not any("124M: train" in x for x in labels)
     assert f"this run ({size / 1e6:.0f}M parameters), 16 examples per point" in labels and "chance (1 in 4)" in labels
     assert "OpenAI GPT-3 Small, 125M (paper)" in labels
@@ -295,7 +295,7 @@ def wandb_history(run_dir):
 
 
 @pytest.mark.slow
-def test_wandb_offline_logs_what_log_txt_logs_and_more(shakespeare_shards, hellaswag_dir, tmp_path):
+def test_wandb_offline_logs_what_log_txt_logs_and_a_resume_goes_on_in_the_same_run(shakespeare_shards, hellaswag_dir, tmp_path):
     pytest.importorskip("wandb")
     args = ["--data_dir", shakespeare_shards, "--log_dir", tmp_path / "myrun", *TINY_MODEL, "-B", 4, "-T", 32,
             "--total_batch_size", 256, "--max_steps", 4, "--warmup_steps", 1, "--eval_every", 3, "--val_steps", 2,
@@ -317,6 +317,18 @@ def test_wandb_offline_logs_what_log_txt_logs_and_more(shakespeare_shards, hella
         assert f"{by_step[step]['val/loss']:.4f}" == f"{log['val'][step]:.4f}"
         assert f"{by_step[step]['hellaswag/acc_norm']:.4f}" == f"{log['hella'][step]:.4f}"
     assert config["max_steps"] == 4 and config["wandb_project"] == "tests"
+    # trained on: the resumed run logs into the same W&B run (its id is in the checkpoint)
+    args[args.index("--max_steps") + 1] = 6
+    proc = run_script("train_gpt2.py", *args, env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path),
+                                                   "WANDB_SILENT": "true"})
+    assert proc.returncode == 0 and "resuming at step 3" in proc.stdout, proc.stderr[-3000:]
+    runs = sorted(n for n in os.listdir(tmp_path / "wandb") if n.startswith("offline-run"))
+    assert len(runs) == 2 and runs[0].rsplit("-", 1)[1] == runs[1].rsplit("-", 1)[1], runs
+    (resumed,) = [os.path.join(tmp_path, "wandb", n) for n in runs if os.path.join(tmp_path, "wandb", n) != run_dir]
+    rows, _ = wandb_history(resumed)
+    log = read_log(tmp_path / "myrun" / "log.txt")
+    assert sorted({row["_step"] for row in rows}) == [3, 4, 5]
+    assert all(f"{row['train/loss']:.6f}" == f"{log['train'][row['_step']]:.6f}" for row in rows if "train/loss" in row)
 
 
 def test_wandb_missing_is_one_line_naming_the_install(shakespeare_shards, tmp_path):
