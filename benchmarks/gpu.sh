@@ -8,12 +8,14 @@
 #                                      # attention, compile modes, then the speed ladder
 #   bash benchmarks/gpu.sh eval        # HellaSwag: all 10,042 val examples, 124M, bf16, compiled
 #   bash benchmarks/gpu.sh side        # build-nanogpt's own script against this one, same shards
+#   bash benchmarks/gpu.sh recipes     # --recipe gpt2, llama, speedrun at 124M on the novels: val loss at
+#                                      # equal tokens (7.9M each, one learning rate each)
 #
 # Logs go to $OUT (or gpu_results/), one file per stage, and a line per measurement to summary.txt.
 # The GPU machine has no network and no `datasets`: everything it reads comes from .gpu/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?usage: bash benchmarks/gpu.sh prepare|tests|speed|eval|side}
+STAGE=${1:?usage: bash benchmarks/gpu.sh prepare|tests|speed|eval|side|recipes}
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
 export GPT2_SHARED_DATA=$PWD/.gpu/data TIKTOKEN_CACHE_DIR=$PWD/.gpu/data/tiktoken_cache
@@ -28,6 +30,14 @@ prepare() {
     cp "$shared/hellaswag/hellaswag_val_preprocessed.jsonl" .gpu/data/hellaswag/
     cp "$shared/hellaswag/hellaswag_val_preprocessed.jsonl" .gpu/hellaswag/hellaswag_val.jsonl
     cp -r ../shared/bench ../shared/reference .gpu/
+    # the novels as shards (the GPU machine has no `datasets`): the val shard and 8 train shards, 18 MB
+    local tmp
+    tmp=$(mktemp -d)
+    $PY fineweb.py --dataset "$shared/novels/english_novels_95.jsonl.xz" --out_dir "$tmp" --shard_size 1000000 \
+        > /dev/null || { rm -rf "$tmp"; echo "prepare: fineweb.py failed on the novels"; return 1; }
+    mkdir -p .gpu/novels
+    cp "$tmp"/*_val_*.npy $(ls "$tmp"/*_train_*.npy | head -8) .gpu/novels/
+    rm -rf "$tmp"
     du -sh .gpu  # it travels with `carry: [".gpu"]`, within the 64 MiB the working tree may take
 }
 
@@ -59,5 +69,9 @@ case "$STAGE" in
     side)
         timeout 580 bash .gpu/bench/gpu_side_by_side.sh 40 2>&1 | tee "$OUT/side.log" | tail -5
         note "side by side: $(tail -1 "$OUT/side.log")" ;;
+    recipes)
+        timeout 580 $PY benchmarks/recipes.py --data_dir .gpu/novels --size 124M --device cuda --steps 60 \
+            --batch 131072 -B 32 -T 1024 --val_steps 20 --factors 1 --budgets 1 2>&1 | tee "$OUT/recipes.log" | tail -6
+        note "recipes: $(grep -E '^\| (gpt2|llama|speedrun) ' "$OUT/recipes.log" | tr '\n' ' ')" ;;
     *) echo "unknown stage $STAGE"; exit 2 ;;
 esac

@@ -86,7 +86,12 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     p.add_argument("--factors", type=float, nargs="+", default=None, help="one sweep for every arm instead")
+    p.add_argument("--budgets", type=float, nargs="+", default=list(BUDGETS),
+                   help="shares of the full budget, each its own run (1 is always one of them)")
     args = p.parse_args(argv)
+    if not all(0 < b <= 1 for b in args.budgets):
+        p.error(f"--budgets are shares of the full budget, in (0, 1]; got {args.budgets}")
+    args.budgets = sorted(set(args.budgets) | {1.0})
 
     log_root = tempfile.mkdtemp(prefix="recipes_")
     results = {}  # arm -> {share of budget: val loss}
@@ -96,7 +101,7 @@ def main(argv=None):
         sweep = {f: train(arm, f, args.steps, args, log_root) for f in factors}
         best = min(sweep, key=sweep.get)
         results[arm] = {1.0: sweep[best]}
-        for share in BUDGETS[:-1]:
+        for share in args.budgets[:-1]:
             results[arm][share] = train(arm, best, round(args.steps * share), args, log_root)
         results[arm]["factor"] = best
     report(results, args)
@@ -105,17 +110,17 @@ def main(argv=None):
 def report(results, args):
     tokens = args.steps * args.batch
     print(f"\nval loss ({args.size}, {args.val_steps * args.batch:,} val tokens); budgets in tokens")
-    print("| arm | best lr factor | " + " | ".join(f"{share * tokens:,.0f}" for share in BUDGETS) +
+    print("| arm | best lr factor | " + " | ".join(f"{share * tokens:,.0f}" for share in args.budgets) +
           " | reaches gpt2's full-budget loss at |")
-    print("|---|---|" + "---|" * len(BUDGETS) + "---|")
+    print("|---|---|" + "---|" * len(args.budgets) + "---|")
     target = results.get("gpt2", {}).get(1.0)
     for arm, losses in results.items():
         shares = {k: v for k, v in losses.items() if k != "factor"}
         at = crossing(shares, target) if target is not None else None
         where = "n/a" if target is None else ("not within the budget" if at is None else f"{at:.2f} of its tokens")
-        if at == BUDGETS[0] and shares[at] < target:
+        if at == args.budgets[0] and shares[at] < target:
             where = f"at most {at:.2f} (already at the smallest budget)"
-        print(f"| {arm} | x{losses['factor']:g} | " + " | ".join(f"{losses[s]:.4f}" for s in BUDGETS) +
+        print(f"| {arm} | x{losses['factor']:g} | " + " | ".join(f"{losses[s]:.4f}" for s in args.budgets) +
               f" | {where} |")
 
 
