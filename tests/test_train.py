@@ -324,8 +324,8 @@ def test_wandb_offline_logs_what_log_txt_logs_and_a_resume_goes_on_in_the_same_r
     assert proc.returncode == 0 and "resuming at step 3" in proc.stdout, proc.stderr[-3000:]
     runs = sorted(n for n in os.listdir(tmp_path / "wandb") if n.startswith("offline-run"))
     assert len(runs) == 2 and runs[0].rsplit("-", 1)[1] == runs[1].rsplit("-", 1)[1], runs
-    (resumed,) = [os.path.join(tmp_path, "wandb", n) for n in runs if os.path.join(tmp_path, "wandb", n) != run_dir]
-    rows, _ = wandb_history(resumed)
+    (resumed,) = [n for n in runs if n != os.path.basename(run_dir)]
+    rows, _ = wandb_history(tmp_path / "wandb" / resumed)
     log = read_log(tmp_path / "myrun" / "log.txt")
     assert sorted({row["_step"] for row in rows}) == [3, 4, 5]
     assert all(f"{row['train/loss']:.6f}" == f"{log['train'][row['_step']]:.6f}" for row in rows if "train/loss" in row)
