@@ -19,6 +19,12 @@ import os
 import re
 import sys
 
+import torch
+
+import sample
+import train_gpt2
+from machinery import checkpoints, common, runtime
+
 MAX_NEW_TOKENS = 512
 
 
@@ -31,22 +37,16 @@ class Models:
     def get(self, name):
         """(model, description); a UserError names a missing or damaged file."""
         if name not in self.loaded:
-            from sample import load_model
-
-            self.loaded[name] = (load_model(name, self.device), describe(name))
+            self.loaded[name] = (sample.load_model(name, self.device), describe(name))
         return self.loaded[name]
 
 
 def describe(name):
     """What a checkpoint records: step, tokens seen, val loss, and HellaSwag from the log beside it."""
-    from sample import INIT
-
-    if name.endswith(INIT):
+    if name.endswith(sample.INIT):
         return "step 0: its run's initial weights (before training)"
     if not name.endswith(".pt"):
         return "transformers model"
-    import torch
-
     ckpt = torch.load(name, map_location="cpu", weights_only=True)
     step, args = ckpt["step"], ckpt.get("args", {})
     parts = [f"step {step:,}"]
@@ -65,11 +65,8 @@ def describe(name):
 
 def default_models(log_dir):
     """Before and after training: the newest checkpoint in log_dir at its run's initial weights, and as it is."""
-    from checkpoints import list_checkpoints
-    from sample import INIT
-
-    found = list_checkpoints(log_dir)
-    return [found[0][1] + INIT, found[0][1]] if found else []
+    found = checkpoints.list_checkpoints(log_dir)
+    return [found[0][1] + sample.INIT, found[0][1]] if found else []
 
 
 def check_settings(prompt, max_new_tokens, temperature, top_k, seed):
@@ -91,24 +88,20 @@ def check_settings(prompt, max_new_tokens, temperature, top_k, seed):
 
 def compare(models, names, prompt, max_new_tokens, temperature, top_k, seed):
     """Yields {name: {"text", "about"}} as every model adds a token; raises ValueError for bad input."""
-    from common import UserError, get_encoder
-    from sample import inference_context
-    from train_gpt2 import sample_stream
-
     problem = check_settings(prompt, max_new_tokens, temperature, top_k, seed) or \
         (None if names else "pick at least one model")
     if problem:
         raise ValueError(problem)
     try:
         loaded = {name: models.get(name) for name in names}
-        enc = get_encoder()
-    except UserError as e:
+        enc = common.get_encoder()
+    except common.UserError as e:
         raise ValueError(str(e)) from None
-    streams = {name: sample_stream(model, enc, prompt, 1, int(max_new_tokens), models.device, int(seed),
+    streams = {name: train_gpt2.sample_stream(model, enc, prompt, 1, int(max_new_tokens), models.device, int(seed),
                                    float(temperature), int(top_k) or None) for name, (model, _) in loaded.items()}
     texts = {name: prompt for name in names}
     for _ in range(int(max_new_tokens)):
-        with inference_context(models.device):  # as sample.py
+        with sample.inference_context(models.device):  # as sample.py
             for name, stream in streams.items():
                 texts[name] = next(stream)[0]
         yield {name: {"text": texts[name], "about": loaded[name][1]} for name in names}
@@ -125,7 +118,7 @@ def render(results):
 
 def build_page(models, chosen):
     """The Gradio page: models, prompt and sampling controls, then the outputs side by side."""
-    import gradio as gr
+    import gradio as gr  # an optional dependency: main() checks for it first
 
     def run(names, extra, prompt, max_new_tokens, temperature, top_k, seed):
         names = list(names) + [n.strip() for n in re.split(r"[,\n]", extra or "") if n.strip()]
@@ -154,9 +147,7 @@ def build_page(models, chosen):
 
 
 def main(argv=None):
-    from common import ArgumentParser, UserError, autodetect_device
-
-    p = ArgumentParser(description="Compare models' continuations side by side in the browser (Gradio).")
+    p = common.ArgumentParser(description="Compare models' continuations side by side in the browser (Gradio).")
     p.add_argument("-m", "--model", action="append", default=None,
                    help="a checkpoint (PATH@init: its run before training), transformers folder or hub name; repeat "
                         "for more (default: the newest checkpoint in --log_dir, at init and trained)")
@@ -173,14 +164,12 @@ def main(argv=None):
     if not chosen:
         sys.exit(f"app.py: error: no checkpoint in {args.log_dir}/ (train first, e.g. `python train_gpt2.py "
                  "--first_try`); or pass -m PATH or -m gpt2")
-    from checkpoints import list_checkpoints
-
-    offered = sorted({*chosen, *(path for _, path in list_checkpoints(args.log_dir))})
-    models = Models(offered, args.device or autodetect_device())
+    offered = sorted({*chosen, *(path for _, path in checkpoints.list_checkpoints(args.log_dir))})
+    models = Models(offered, args.device or runtime.autodetect_device())
     try:
         for name in chosen:  # loaded once, before the page opens
             models.get(name)
-    except UserError as e:
+    except common.UserError as e:
         sys.exit(f"app.py: error: {e}")
     build_page(models, chosen).queue().launch(server_name=args.host, server_port=args.port, share=args.share)
 

@@ -13,18 +13,15 @@ such a directory back, every script here accepts it where it accepts a checkpoin
 import os
 import sys
 
+from machinery import common, hf_convert
+from train_gpt2 import GPT
+
 
 def main(argv=None):
-    from common import ArgumentParser
-
-    p = ArgumentParser(description="Export a train_gpt2.py checkpoint to a transformers directory.")
+    p = common.ArgumentParser(description="Export a train_gpt2.py checkpoint to a transformers directory.")
     p.add_argument("checkpoint", help="a model_*.pt or ckpt_*.pt of train_gpt2.py")
     p.add_argument("out_dir", help="the directory to write (must not exist yet, or be empty)")
     args = p.parse_args(argv)
-
-    from common import UserError
-    from hf_convert import export_to_transformers
-    from train_gpt2 import GPT
 
     if os.path.isdir(args.out_dir) and os.listdir(args.out_dir):
         sys.exit(f"export.py: error: {args.out_dir} is not empty; pass a new directory")
@@ -32,8 +29,8 @@ def main(argv=None):
         sys.exit(f"export.py: error: checkpoint {args.checkpoint} does not exist")
     try:
         model = GPT.from_pretrained(args.checkpoint)
-        export_to_transformers(model, args.out_dir)
-    except UserError as e:
+        hf_convert.export_to_transformers(model, args.out_dir)
+    except common.UserError as e:
         sys.exit(f"export.py: error: {e}")
     kind = "LlamaForCausalLM" if model.config.arch == "llama" else "GPT2LMHeadModel"
     print(f"wrote {args.out_dir}: {kind} with {model.config.n_layer} layers, {model.config.n_embd} wide, "

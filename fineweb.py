@@ -24,23 +24,23 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
+import datasets
 import numpy as np
+import tiktoken
 from tqdm import tqdm
+
+from machinery import common
+from machinery.common import UserError
 
 HUB_DATASETS = {"fineweb-edu": "HuggingFaceFW/fineweb-edu", "fineweb": "HuggingFaceFW/fineweb"}
 HUB_SAMPLES = ("sample-10BT", "sample-100BT", "sample-350BT")
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 COMPRESSION = (".xz", ".gz", ".bz2", ".zst")
-BIN_MAGIC, BIN_VERSION = 20240520, 1  # llm.c's data file header
 LOCK_NAME = "fineweb.lock"  # held by the run writing the folder
 
 _enc = None  # each worker's tokenizer, made by init_worker
 _lock_fd = None  # the out_dir lock's descriptor in the main process, which forked workers must not keep
-
-
-class DataError(Exception):
-    """Bad input or no network; printed as one line."""
 
 
 # -----------------------------------------------------------------------------
@@ -49,19 +49,15 @@ class DataError(Exception):
 
 def init_worker():
     global _enc
-    import tiktoken
-
     _enc = tiktoken.get_encoding("gpt2")
 
 
 def init_pool_worker():
     """A tokenizer process: drop the copy of the folder's lock that fork gave it (so the lock dies with the main
     process), and exit if the main process is killed, rather than linger."""
-    from common import exit_with_parent
-
     if _lock_fd is not None:
         os.close(_lock_fd)
-    exit_with_parent("fineweb.py tokenizer process")
+    common.exit_with_parent("fineweb.py tokenizer process")
     init_worker()
 
 
@@ -103,7 +99,7 @@ def tokenized(texts, args):
             while pending:
                 yield pending.popleft().result()
         except BrokenProcessPool:
-            raise DataError("a tokenizer process died (killed for lack of memory?); rerun with fewer --num_proc or "
+            raise UserError("a tokenizer process died (killed for lack of memory?); rerun with fewer --num_proc or "
                             "a smaller --chunk_chars: it continues after the last finished shard") from None
 
 
@@ -120,7 +116,7 @@ def write_shard(path, tokens):
     def write(f):
         if path.endswith(".bin"):
             header = np.zeros(256, dtype=np.int32)
-            header[:3] = (BIN_MAGIC, BIN_VERSION, len(tokens))
+            header[:3] = (common.BIN_MAGIC, common.BIN_VERSION, len(tokens))
             f.write(header.tobytes())
             f.write(tokens.astype(np.uint16).tobytes())
         else:
@@ -131,12 +127,10 @@ def write_shard(path, tokens):
 
 def save_atomically(path, write):
     """common.atomic_write, with a failure (a full disk) worded for this script."""
-    from common import atomic_write
-
     try:
-        atomic_write(path, write)
+        common.atomic_write(path, write)
     except OSError as e:
-        raise DataError(f"could not write {path} ({e.strerror or e}); free some space, then rerun the same "
+        raise UserError(f"could not write {path} ({e.strerror or e}); free some space, then rerun the same "
                         "command: it continues after the last finished shard") from None
 
 
@@ -211,27 +205,21 @@ def local_files(path):
             kinds.setdefault(builder, []).append(f)
     if len(kinds) != 1:
         found = "none" if not kinds else " and ".join(kinds)
-        raise DataError(f"{path}: expected .jsonl, .json, .parquet or .txt files of one kind, found {found}")
+        raise UserError(f"{path}: expected .jsonl, .json, .parquet or .txt files of one kind, found {found}")
     return kinds.popitem()
 
 
 def fetch_shakespeare(out_dir):
     """Tiny Shakespeare (1.1 MB, one document), downloaded once into out_dir/input.txt."""
-    from common import download_file  # imported where used: this file loads on its own
-
     path = os.path.join(out_dir, "input.txt")
     if not os.path.exists(path):
         os.makedirs(out_dir, exist_ok=True)
-        download_file(SHAKESPEARE_URL, path)
+        common.download_file(SHAKESPEARE_URL, path)
     return path
 
 
 def load_documents(args, skip):
     """The dataset (after its first `skip` documents) as an iterator of texts, and a short description."""
-    import datasets
-
-    from common import first_line
-
     datasets.logging.set_verbosity_error()
     source = fetch_shakespeare(args.out_dir) if args.dataset == "shakespeare" else args.dataset
     if os.path.exists(source):
@@ -242,27 +230,27 @@ def load_documents(args, skip):
         try:
             ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=args.streaming, **kwargs)
         except StopIteration:  # streaming peeks at the first row for the columns
-            raise DataError(f"{what} holds no documents") from None
+            raise UserError(f"{what} holds no documents") from None
         except Exception as e:
-            raise DataError(f"could not read {what}: {first_line(e)}") from None
+            raise UserError(f"could not read {what}: {common.first_line(e)}") from None
     else:
         if source.startswith((".", "/", "~")) or any(e in source for e in LOCAL_BUILDERS):
-            raise DataError(f"local dataset {source} does not exist")
+            raise UserError(f"local dataset {source} does not exist")
         name = HUB_DATASETS.get(source, source)
         what = f"{name} ({args.remote_name}{', streaming' if args.streaming else ''})"
         try:
             ds = datasets.load_dataset(name, name=args.remote_name, split="train", streaming=args.streaming)
         except Exception as e:
-            raise DataError(f"could not load {what} from the Hugging Face hub: {first_line(e)}. Check the name "
+            raise UserError(f"could not load {what} from the Hugging Face hub: {common.first_line(e)}. Check the name "
                             "and the network, or pass a local .jsonl/.parquet/.txt path with --dataset") from None
     try:
         columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)))
     except StopIteration:
-        raise DataError(f"{what} holds no documents") from None
+        raise UserError(f"{what} holds no documents") from None
     except Exception as e:  # the first row already unreadable (bad bytes)
-        raise DataError(f"could not read {what}: {first_line(e)}") from None
+        raise UserError(f"could not read {what}: {common.first_line(e)}") from None
     if args.text_column not in columns:
-        raise DataError(f"{what} has no {args.text_column!r} column (columns: {', '.join(columns)}); "
+        raise UserError(f"{what} has no {args.text_column!r} column (columns: {', '.join(columns)}); "
                         "pass --text_column")
     if skip:
         ds = ds.skip(skip)
@@ -273,8 +261,6 @@ def load_documents(args, skip):
 def checked_texts(ds, column, what, skip):
     """The texts of `column`, in order; a row that cannot be read (bad bytes) or has no text stops the run
     with one line naming the row."""
-    from common import first_line
-
     rows, row = ds.iter(batch_size=1024), skip
     while True:
         try:
@@ -282,10 +268,10 @@ def checked_texts(ds, column, what, skip):
         except StopIteration:
             return
         except Exception as e:  # the readers raise their own decoding errors
-            raise DataError(f"could not read {what} after row {row:,}: {first_line(e)}") from None
+            raise UserError(f"could not read {what} after row {row:,}: {common.first_line(e)}") from None
         for text in batch[column]:
             if not isinstance(text, str):
-                raise DataError(f"{what}: row {row:,} has no text ({column} is {text!r:.40}); fix or drop that row")
+                raise UserError(f"{what}: row {row:,} has no text ({column} is {text!r:.40}); fix or drop that row")
             yield text
             row += 1
 
@@ -316,21 +302,20 @@ def load_progress(args):
         state["fingerprint"], state["next_shard"], state["doc"], state["offset"]  # noqa: B018 (all must be there)
         return state
     except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{progress_path(args)} is damaged ({type(e).__name__}); pass --overwrite to write the "
+        raise UserError(f"{progress_path(args)} is damaged ({type(e).__name__}); pass --overwrite to write the "
                         "shards again") from None
 
 
 def check_recorded_shards(args, state):
     """Every shard the progress file records is there, as it was written; later ones are made again."""
-    from common import file_fingerprint
-
     for name, recorded in state.get("shards", {}).items():  # none recorded: a progress file of an older version
         path = os.path.join(args.out_dir, name)
         if int(name.rsplit("_", 1)[1].split(".")[0]) >= state["next_shard"]:
             continue
-        if not os.path.exists(path) or file_fingerprint(path) != recorded:
-            raise DataError(f"shard {path}, which this script wrote, is {'changed' if os.path.exists(path) else 'gone'};"
-                            " pass --overwrite to write the shards again")
+        if not os.path.exists(path) or common.file_fingerprint(path) != recorded:
+            what = "changed" if os.path.exists(path) else "gone"
+            raise UserError(f"shard {path}, which this script wrote, is {what}; pass --overwrite to write the shards "
+                            "again")
 
 
 def prepare_out_dir(args):
@@ -342,7 +327,7 @@ def prepare_out_dir(args):
         state = load_progress(args)
         if state["fingerprint"] != fingerprint(args):
             changed = [k for k, v in fingerprint(args).items() if state["fingerprint"].get(k) != v]
-            raise DataError(f"{args.out_dir} holds a run made with other --{', --'.join(changed)}; rerun with "
+            raise UserError(f"{args.out_dir} holds a run made with other --{', --'.join(changed)}; rerun with "
                             "its flags to continue it, or pass --out_dir NEW_DIR, or --overwrite")
         check_recorded_shards(args, state)
         if state.get("done"):
@@ -350,7 +335,7 @@ def prepare_out_dir(args):
         # shards past the recorded point were written after the progress file: they are made again
         return state
     if existing and not args.overwrite:
-        raise DataError(f"{args.out_dir} already holds {len(existing)} {args.prefix} shards that this script did "
+        raise UserError(f"{args.out_dir} already holds {len(existing)} {args.prefix} shards that this script did "
                         "not record; pass --out_dir NEW_DIR, or --overwrite to delete them and write new ones")
     for f in existing + glob.glob(progress_path(args)):
         os.remove(f)
@@ -361,11 +346,9 @@ def prepare_out_dir(args):
 def claim_out_dir(args):
     """Make --out_dir and hold its lock while writing, so a second fineweb.py there stops with one line. If the
     run fails before writing anything into a folder it made, the folder goes again."""
-    from common import lock_folder
-
     global _lock_fd
     made = not os.path.isdir(args.out_dir)
-    fd = _lock_fd = lock_folder(args.out_dir, LOCK_NAME, "--out_dir")
+    fd = _lock_fd = common.lock_folder(args.out_dir, LOCK_NAME, "--out_dir")
     try:
         yield
     except BaseException:
@@ -385,9 +368,7 @@ def claim_out_dir(args):
 
 
 def parse_args(argv=None):
-    from common import ArgumentParser
-
-    p = ArgumentParser(description="Tokenize a text dataset into GPT-2 uint16 shards.")
+    p = common.ArgumentParser(description="Tokenize a text dataset into GPT-2 uint16 shards.")
     p.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu",
                    help="fineweb-edu, fineweb, shakespeare, any hub dataset id, or a local .jsonl/.json/.parquet "
                         "file, a folder of them, or a folder of .txt files (one document per file); "
@@ -425,8 +406,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from common import UserError  # what the shared helpers (lock, download) raise; common loads no torch
-
     args = parse_args(argv)
     t0 = time.time()
     try:
@@ -437,14 +416,15 @@ def main(argv=None):
     try:
         with claim_out_dir(args):
             writer, what, seconds = write_shards(args)
-    except (DataError, UserError) as e:
+    except UserError as e:
         sys.exit(f"fineweb.py: error: {e}")
     if writer is None:
         print(f"{args.out_dir} is complete already (see {progress_path(args)}); nothing to do")
         return
     print(f"wrote {writer.next_shard} shards to {args.out_dir} (1 val, {writer.next_shard - 1} train): "
           f"{writer.doc:,} documents, {writer.tokens_written:,} tokens this run, "
-          f"{writer.tokens_written / seconds / 1e6:.2f}M tokens/s tokenizing and writing, {time.time() - t0:.1f} s in all")
+          f"{writer.tokens_written / seconds / 1e6:.2f}M tokens/s tokenizing and writing, "
+          f"{time.time() - t0:.1f} s in all")
     if writer.next_shard == 1:
         print("warning: only the val shard was written; train_gpt2.py needs train shards too: "
               "use a smaller --shard_size")
@@ -464,10 +444,8 @@ def write_shards(args):
               f"token {state['offset']:,} of it")
 
     def on_shard(next_shard, doc, offset):
-        from common import file_fingerprint
-
         path = shard_path(args.out_dir, args.prefix, next_shard - 1, args.format)
-        state["shards"][os.path.basename(path)] = file_fingerprint(path)
+        state["shards"][os.path.basename(path)] = common.file_fingerprint(path)
         state.update(next_shard=next_shard, doc=doc, offset=offset)
         save_progress(args, **state)
 
@@ -479,10 +457,11 @@ def write_shards(args):
         writer.add(tokens, lengths, skip=skip if i == 0 else 0)
     writer.close()
     if writer.next_shard == 0:
-        raise DataError(f"{what} holds no documents")
+        raise UserError(f"{what} holds no documents")
     seconds = time.time() - t1
     save_progress(args, **dict(state, done=True, documents=writer.doc, tokens=writer.tokens_written,
-                               shards_written=writer.next_shard, tokens_per_second=round(writer.tokens_written / seconds)))
+                               shards_written=writer.next_shard,
+                               tokens_per_second=round(writer.tokens_written / seconds)))
     return writer, what, seconds
 
 

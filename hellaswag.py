@@ -20,8 +20,11 @@ import time
 from collections import namedtuple
 
 import torch
+import torch.distributed as dist
 from torch.nn import functional as F
 from tqdm import tqdm
+
+from machinery import common, hf_convert, runtime
 
 URLS = {
     "train": "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_train.jsonl",
@@ -37,22 +40,18 @@ def default_cache_dir():
 
 def download(split, cache_dir=None):
     """Download one split of HellaSwag (once) and return the path of its .jsonl."""
-    from common import download_file  # imported where used: this file loads without the repo's other modules
-
     cache_dir = cache_dir or default_cache_dir()
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, f"hellaswag_{split}.jsonl")
     if not os.path.exists(path):
         print(f"downloading HellaSwag {split} to {path}")
-        download_file(URLS[split], path)
+        common.download_file(URLS[split], path)
     return path
 
 
 def iterate_examples(split, cache_dir=None):
     """Yield the examples of a split as dicts with `ctx`, `endings` (4) and `label`. A damaged file (cut
     short, empty, an error page saved in its place) is a one-line error that says to delete it."""
-    from common import UserError
-
     path = download(split, cache_dir)
     n = 0
     with open(path, encoding="utf-8", errors="replace") as f:
@@ -63,11 +62,11 @@ def iterate_examples(split, cache_dir=None):
                     raise ValueError("not a HellaSwag example")
                 example["label"]
             except (ValueError, KeyError, TypeError) as e:
-                raise UserError(f"{path} is damaged at line {n} ({type(e).__name__}); delete it, and it is "
+                raise common.UserError(f"{path} is damaged at line {n} ({type(e).__name__}); delete it, and it is "
                                 "downloaded again") from None
             yield example
     if n == 0:
-        raise UserError(f"{path} is empty; delete it, and it is downloaded again")
+        raise common.UserError(f"{path} is empty; delete it, and it is downloaded again")
 
 
 def render_example(example):
@@ -75,9 +74,7 @@ def render_example(example):
     Returns (data, tokens, mask, label): tokens (4, max_len) holds context + ending for each
     candidate, zero-padded on the right; mask is 1 on the ending tokens, the ones scored.
     """
-    from common import get_encoder
-
-    enc = get_encoder()
+    enc = common.get_encoder()
     ctx_tokens = enc.encode(example["ctx"])
     data = {"label": example["label"], "ctx_tokens": ctx_tokens, "ending_tokens": []}
     rows, masks = [], []
@@ -196,14 +193,14 @@ def evaluate(model, device, split="val", rank=0, world_size=1, limit=None, batch
 def load_model(name_or_path, device, compile=False):
     """A train_gpt2.py checkpoint (.pt) or a transformers GPT-2 (hub name or directory) as a Model."""
     if name_or_path.endswith(".pt"):
-        from train_gpt2 import GPT  # only here: reading a checkpoint needs the model's code
+        # imported here, not at the top: train_gpt2 imports this file for its evaluation (a cycle)
+        import train_gpt2
 
-        gpt = GPT.from_pretrained(name_or_path).to(device).eval()
+        gpt = train_gpt2.GPT.from_pretrained(name_or_path).to(device).eval()
         hidden, head, max_len = gpt.hidden_states, gpt.lm_head, gpt.config.block_size
     else:
-        from hf_convert import load_hf_model
-
-        hf = load_hf_model(name_or_path).to(device).eval()  # GPT-2 or Llama: base_model is the stack below the head
+        # GPT-2 or Llama: base_model is the stack below the head
+        hf = hf_convert.load_hf_model(name_or_path).to(device).eval()
         hidden, head, max_len = (lambda tokens: hf.base_model(tokens).last_hidden_state), hf.lm_head, \
             hf.config.max_position_embeddings
     if compile:
@@ -212,9 +209,7 @@ def load_model(name_or_path, device, compile=False):
 
 
 def main(argv=None):
-    from common import ArgumentParser
-
-    p = ArgumentParser(description="Score a GPT-2 model on HellaSwag (under torchrun: split across ranks).")
+    p = common.ArgumentParser(description="Score a GPT-2 model on HellaSwag (under torchrun: split across ranks).")
     p.add_argument("-m", "--model", default="gpt2",
                    help="gpt2 / gpt2-medium / ..., a transformers directory, or a train_gpt2.py .pt checkpoint")
     p.add_argument("-d", "--device", default=None, help="cuda, mps or cpu (default: the first available)")
@@ -229,10 +224,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.batch_tokens < 0 or (args.limit is not None and args.limit <= 0):
         p.error("--batch_tokens must be >= 0 and --limit positive")
-    from common import UserError, autodetect_device
-
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = args.device or autodetect_device()
+    device = args.device or runtime.autodetect_device()
     if device == "cuda" and world_size > 1:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
@@ -242,8 +235,6 @@ def main(argv=None):
             pass
         model = load_model(args.model, device, args.compile)
         if world_size > 1:
-            import torch.distributed as dist
-
             dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         t0 = time.time()
         r = evaluate(model, device, split=args.split, rank=rank, world_size=world_size, limit=args.limit,
@@ -254,7 +245,7 @@ def main(argv=None):
             dist.all_reduce(counts)
             dist.barrier()  # tear down together, as train_gpt2.py does
             dist.destroy_process_group()
-    except UserError as e:
+    except common.UserError as e:
         sys.exit(f"hellaswag.py: error: {e}")
     correct_norm, correct, total = counts.tolist()
     if rank == 0:

@@ -12,6 +12,10 @@ in the folder; a folder without one (e.g. build-nanogpt's) is labelled "this run
 import os
 import sys
 
+import torch
+
+from machinery import checkpoints
+
 # reference points (sources in the README): GPT-2 124M's val loss on FineWeb-Edu and its HellaSwag
 # acc_norm as build-nanogpt measured them; GPT-3 Small's HellaSwag from the GPT-3 paper
 GPT2_VAL_LOSS = 3.2924
@@ -35,11 +39,7 @@ def read_log(path):
 
 def describe_run(log_dir):
     """(label of the run, HellaSwag examples per point or None), from the newest checkpoint in log_dir."""
-    import torch  # only here: plotting a log needs no torch
-
-    from checkpoints import list_checkpoints
-
-    for _, path in list_checkpoints(log_dir):
+    for _, path in checkpoints.list_checkpoints(log_dir):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # a damaged file: try the one before
@@ -55,7 +55,7 @@ def describe_run(log_dir):
 
 def plot(log_dir, out=None):
     """The figure of log_dir's run, saved as out (default log_dir/curves.png); returns (figure, path)."""
-    import matplotlib
+    import matplotlib  # imported here: the backend is chosen before pyplot is loaded
     import matplotlib.pyplot as plt
 
     if "ipykernel" not in sys.modules:

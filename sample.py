@@ -14,23 +14,23 @@ import sys
 
 import torch
 
+import train_gpt2
+from machinery import checkpoints, common, runtime
+
 INIT = "@init"  # PATH@init: the weights the checkpoint's run started from (its config and --seed)
 
 
 def load_model(name, device):
     """A checkpoint, transformers folder or hub name as a GPT in eval mode on `device`; `PATH@init` rebuilds
     the run's initial weights, as train_gpt2.py made them before its first step."""
-    from common import UserError
-    from checkpoints import load_checkpoint
-    from train_gpt2 import GPT, GPTConfig
-
     if not name.endswith(INIT):
-        return GPT.from_pretrained(name).to(device).eval()
-    ckpt = load_checkpoint(name[:-len(INIT)])
+        return train_gpt2.GPT.from_pretrained(name).to(device).eval()
+    ckpt = checkpoints.load_checkpoint(name[:-len(INIT)])
     if "seed" not in ckpt.get("args", {}):
-        raise UserError(f"{name}: the checkpoint does not record its run's --seed, so its initial weights are unknown")
+        raise common.UserError(f"{name}: the checkpoint does not record its run's --seed, so its initial weights "
+                               "are unknown")
     torch.manual_seed(ckpt["args"]["seed"])  # as build_model: seed, then the model, on the CPU
-    return GPT(GPTConfig(**ckpt["config"])).to(device).eval()
+    return train_gpt2.GPT(train_gpt2.GPTConfig(**ckpt["config"])).to(device).eval()
 
 
 def inference_context(device):
@@ -39,16 +39,15 @@ def inference_context(device):
 
 
 def main(argv=None):
-    from common import ArgumentParser, UserError, autodetect_device, finite_float, get_encoder
-
-    p = ArgumentParser(description="Sample from a GPT-2 checkpoint.")
+    p = common.ArgumentParser(description="Sample from a GPT-2 checkpoint.")
     p.add_argument("-m", "--model", default=None,
                    help="a train_gpt2.py .pt checkpoint (PATH@init: its run's weights before training), gpt2 / "
                         "gpt2-medium / ..., or a transformers directory (default: the newest checkpoint in log/)")
     p.add_argument("--prompt", default="Hello, I'm a language model,", help="the text to continue")
     p.add_argument("--num_samples", type=int, default=4, help="how many continuations")
     p.add_argument("--max_new_tokens", type=int, default=64, help="tokens to add to the prompt")
-    p.add_argument("--temperature", type=finite_float, default=1.0, help="below 1: more likely tokens; above: more random")
+    p.add_argument("--temperature", type=common.finite_float, default=1.0,
+                   help="below 1: more likely tokens; above: more random")
     p.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--seed", type=int, default=42, help="the same seed gives the same samples")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available)")
@@ -58,25 +57,22 @@ def main(argv=None):
     if not args.prompt:
         p.error("--prompt is empty: give some text for the model to continue")
 
-    from checkpoints import list_checkpoints
-    from train_gpt2 import sample_text
-
-    device = args.device or autodetect_device()
+    device = args.device or runtime.autodetect_device()
     if args.model is None:
-        found = list_checkpoints("log")
+        found = checkpoints.list_checkpoints("log")
         if not found:
             sys.exit("sample.py: error: no checkpoint in log/ (train first, e.g. `python train_gpt2.py --first_try`); "
                      "or pass -m PATH or -m gpt2")
         args.model = found[0][1]
         print(f"model: {args.model}")
     try:
-        enc = get_encoder()
+        enc = common.get_encoder()
         model = load_model(args.model, device)
-    except UserError as e:
+    except common.UserError as e:
         sys.exit(f"sample.py: error: {e}")
     with inference_context(device):
-        texts = sample_text(model, enc, args.prompt, args.num_samples, args.max_new_tokens, device, args.seed,
-                            args.temperature, args.top_k or None)
+        texts = train_gpt2.sample_text(model, enc, args.prompt, args.num_samples, args.max_new_tokens, device,
+                                       args.seed, args.temperature, args.top_k or None)
     for i, text in enumerate(texts):
         print(f"--- sample {i}\n{text}")
 

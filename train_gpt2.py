@@ -6,9 +6,10 @@ Train GPT-2 (124M) from scratch on FineWeb-Edu, the way OpenAI's paper describes
     torchrun --standalone --nproc_per_node=8 train_gpt2.py   # 8 GPUs on one node
 
 The file reads top to bottom, in the lecture's order: the model, the data loader, the learning-rate
-schedule, evaluation, then the training loop with its DDP setup, and the flags. What only serves the
-recipe (checkpoints and resuming, speed tooling, transformers conversion, shared helpers) lives in
-checkpoints.py, speed.py, hf_convert.py and common.py; this file reads without them.
+schedule, evaluation, then the training loop (the micro-steps and the optimizer step between its
+TRAINING SECTION markers), its setup with DDP, and the flags. What only serves the recipe (checkpoints
+and when to save, speed tooling, transformers conversion, shared helpers) is in the machinery/ package;
+this file reads without it.
 Nothing runs at import time; `main()` does the work.
 """
 
@@ -22,7 +23,6 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -33,16 +33,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
 import variants
-from checkpoints import (append_log, check_resumable, check_same_data, claim_log_dir, data_identity,
-                         find_resume_checkpoint, finished_at, load_checkpoint, prepare_log_dir, restore_checkpoint,
-                         rotate_checkpoints, save_checkpoint, stop_signals_caught)
-from common import (ArgumentParser, UserError, check_device_type, import_wandb, exit_when_another_rank_fails, exit_with_parent, finite_float,
-                    get_encoder, synchronize, tell_other_ranks)
-from fineweb import BIN_MAGIC, BIN_VERSION  # the shard writer's .bin header
-from hf_convert import from_transformers
-from speed import (COMPILE_MODES, SDPA_BACKENDS, DevicePrefetcher, SyntheticLoader, auto_micro_batch,
-                   chunked_cross_entropy, device_peak_flops, keep_freed_cpu_memory, micro_batch_candidates,
-                   mfu_percent, print_benchmark, select_sdpa_backend)
+from machinery import checkpoints, common, hf_convert, runtime, speed
+from machinery.common import UserError
 
 # -----------------------------------------------------------------------------
 # The model: GPT-2 exactly (pre-LayerNorm blocks, learned positions, tied embeddings)
@@ -190,7 +182,7 @@ class GPT(nn.Module):
         """(logits, loss); with ce_chunk_rows and targets, (None, loss): the logits are never made whole."""
         x = self.hidden_states(idx)
         if targets is not None and self.config.ce_chunk_rows:
-            return None, chunked_cross_entropy(x, self.lm_head.weight, targets, self.config.ce_chunk_rows)
+            return None, speed.chunked_cross_entropy(x, self.lm_head.weight, targets, self.config.ce_chunk_rows)
         logits = self.lm_head(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:
@@ -204,10 +196,10 @@ class GPT(nn.Module):
         "gpt2-xl"), a transformers GPT-2 folder, or a checkpoint of this script ("log/model_19072.pt").
         """
         if name_or_path.endswith(".pt") or os.path.isfile(name_or_path):
-            ckpt = load_checkpoint(name_or_path)
+            ckpt = checkpoints.load_checkpoint(name_or_path)
             config, state_dict = ckpt["config"], ckpt["model"]
         else:  # transformers' weights, converted to this model's names and layout
-            config, state_dict = from_transformers(name_or_path)
+            config, state_dict = hf_convert.from_transformers(name_or_path)
         try:
             model = cls(GPTConfig(**config))
             model.load_state_dict(state_dict)
@@ -304,10 +296,11 @@ def load_tokens(path, vocab_size=None):
     fix = "delete it and rerun `python fineweb.py`"
     if path.endswith(".bin"):  # llm.c: 256 int32 (magic, version, token count, ...), then uint16 tokens
         header = np.fromfile(path, dtype=np.int32, count=256)
-        if len(header) < 256 or header[0] != BIN_MAGIC:
-            raise UserError(f"shard {path} is not an llm.c data file (no magic number {BIN_MAGIC}); {fix}")
-        if header[1] != BIN_VERSION:
-            raise UserError(f"shard {path} is llm.c data version {header[1]}, only {BIN_VERSION} (uint16) is read")
+        if len(header) < 256 or header[0] != common.BIN_MAGIC:
+            raise UserError(f"shard {path} is not an llm.c data file (no magic number {common.BIN_MAGIC}); {fix}")
+        if header[1] != common.BIN_VERSION:
+            raise UserError(f"shard {path} is llm.c data version {header[1]}, only {common.BIN_VERSION} (uint16) is "
+                            "read")
         size, expected = os.path.getsize(path), 256 * 4 + 2 * int(header[2])
         if size != expected:
             raise UserError(f"shard {path} has {size:,} bytes, its header promises {expected:,}: truncated? {fix}")
@@ -485,61 +478,200 @@ def train(args):
     """The run; returns the exit code."""
     compute = compute_init(args)
     inputs = check_inputs(args, compute)
-    with claim_log_dir(args, holder=compute.master and not args.benchmark) as was_ours:
+    with checkpoints.claim_log_dir(args, holder=compute.master and not args.benchmark) as was_ours:
         run = setup_run(args, compute, inputs, was_ours)
         if run is None:  # nothing left to do
             return 0
         # from here on SIGTERM (preemption, torchrun shutting down) or Ctrl-C finish the step, save and exit
-        with stop_signals_caught() as stop_signals:
+        with checkpoints.stop_signals_caught() as stop_signals:
             return train_loop(run, stop_signals)
 
 
 def train_loop(run, stop_signals):
     """The loop; returns the exit code. A signal appended to stop_signals ends it at the next step, saved."""
-    args, compute = run.args, run.compute
-    run.last_save = run.started = time.time()
+    args, compute, model, optimizer = run.args, run.compute, run.model, run.optimizer
+    run.started = time.time()
     stop = timed = False  # a stop signal, a timed save: asked for during the step before, agreed by all ranks
     for step in range(run.start_step, args.max_steps):
         last_step = step == args.max_steps - 1
-        milestone = step > 0 and (step % args.checkpoint_every == 0 or last_step)  # model_{step}.pt, kept
-
-        # --- a resume point when one is due; on a stop signal, save it and end here
-        if step > run.start_step:
-            code = checkpoint_or_stop(run, step, stop, timed, milestone, stop_signals)
-            if code is not None:
-                return code
 
         # --- evaluate: at step 0, every eval_every steps and at the last step (before its update)
-        if not args.benchmark and (step % args.eval_every == 0 or last_step):
+        if not stop and not args.benchmark and (step % args.eval_every == 0 or last_step):
             evaluate(run, step)
-        if compute.master and not args.benchmark and milestone:
-            save(run, "model", step)
+        # --- the checkpointer writes what is due at this step; after a stop signal, that is where the run ends
+        saved = run.checkpointer.save(step, run.val_loss, last_step=last_step, stop=stop, timed=timed)
+        if stop:
+            return stop_run(run, step, saved, stop_signals)
 
         # --------------- TRAINING SECTION BEGIN ---------------
         t0 = time.time()
-        loss_accum, norm, lr = optimizer_step(run, step)
+        # the gradient of the whole batch, summed over grad_accum_steps micro-batches
+        optimizer.zero_grad(set_to_none=True)
+        loss_accum = torch.zeros((), device=compute.device)
+        for micro_step in range(run.grad_accum_steps):
+            x, y = run.train_batches.next_batch()
+            # DDP all-reduces gradients only on the last micro-step; the others just accumulate locally
+            sync = not compute.ddp or micro_step == run.grad_accum_steps - 1
+            with contextlib.nullcontext() if sync else model.no_sync():
+                with compute.autocast_ctx:
+                    _, loss = model(x, y)
+                # mean over the whole batch, not over each micro-batch: scale before summing gradients
+                loss = loss / run.grad_accum_steps
+                loss_accum += loss.detach()
+                loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), args.grad_clip)
+        lr = get_lr(step, args)
+        for param_group in optimizer.param_groups:
+            # one learning rate for every group (GPT-2's AdamW); with Muon each group has its share of it
+            param_group["lr"] = lr * param_group.get("lr_scale", 1.0)
+            if "momentum" in param_group:  # Muon's momentum warmup
+                param_group["momentum"] = variants.muon_momentum(step)
+        optimizer.step()
         # stop and save requests made during the step travel with its loss: the step's one host sync
         stop = len(stop_signals) > 0
-        timed = compute.master and 0 < args.save_every_minutes * 60 <= time.time() - run.last_save
+        timed = run.checkpointer.timed_save_due()
         loss, stop, timed = share_step_results(compute, loss_accum, stop, timed)
-        synchronize(compute.device_type)
+        runtime.synchronize(compute.device_type)
         dt = time.time() - t0
         # --------------- TRAINING SECTION END -----------------
         norm = norm.item()  # computed already: a read, not a wait
         check_finite(run, step, loss, norm)
         report_step(run, step, loss, lr, norm, dt)
+    return finish_run(run)
 
+
+def evaluate(run, step):
+    """Val loss, HellaSwag accuracy and (after step 0) samples; rank 0 prints and logs them."""
+    args, compute = run.args, run.compute
+    run.model.eval()
+    val_loss = estimate_val_loss(run.model, run.val_batches, args.val_steps, compute.device, compute.autocast_ctx)
+    if compute.ddp:
+        dist.all_reduce(val_loss, op=dist.ReduceOp.AVG)
+    run.val_loss = val_loss.item()
+    run.metrics(step, **{"val/loss": run.val_loss})
+    compute.print0(f"validation loss: {run.val_loss:.4f}")
+    run.log(f"{step} val {run.val_loss:.4f}")
+    if args.hellaswag:
+        # each rank scores its share of the examples; the counts are summed
+        result = hellaswag.evaluate(run.hella_model, compute.device, rank=compute.rank, world_size=compute.world_size,
+                                    limit=args.hellaswag_limit, batch_tokens=args.hellaswag_batch_tokens,
+                                    autocast_ctx=compute.autocast_ctx)
+        counts = torch.tensor([result.correct_norm, result.total], dtype=torch.long, device=compute.device)
+        if compute.ddp:
+            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        correct, total = counts.tolist()
+        run.hella = correct / total
+        run.metrics(step, **{"hellaswag/acc_norm": run.hella})
+        compute.print0(f"HellaSwag accuracy: {correct}/{total}={correct / total:.4f}")
+        run.log(f"{step} hella {correct / total:.4f}")
+    if args.sample and compute.master and step > 0:
+        prompt = "Hello, I'm a language model,"  # build-nanogpt's: 8 tokens, 32 in all
+        with compute.autocast_ctx:
+            samples = sample_text(run.raw_model, run.enc, prompt, 4, 32 - len(run.enc.encode(prompt)),
+                                  compute.device, seed=42)
+        for i, text in enumerate(samples):
+            one_line = text.replace("\n", "\\n")  # one line per sample, its newlines shown as \n
+            print(f"sample {i}: {one_line}")
+    run.model.train()
+
+
+def stop_run(run, step, saved, stop_signals):
+    """After a stop signal: every rank waits for the checkpoint to be complete, then exits. Returns the exit
+    code, 128 + the signal's number: non-zero, so a restart loop runs the command again."""
+    compute = run.compute
+    if compute.ddp:
+        dist.barrier()
+    signum = stop_signals[0] if stop_signals else signal.SIGTERM
+    print(f"rank {compute.rank}: stopped at step {step} on {signal.Signals(signum).name}"
+          + (f", saved {saved}" if saved else "") + "; run the same command again to resume", flush=True)
+    if compute.ddp:
+        dist.destroy_process_group()
+    return 128 + signum
+
+
+def share_step_results(compute, loss_accum, stop, timed):
+    """
+    The step's mean loss over all ranks, and whether any rank asked to stop or (rank 0) to save: under DDP
+    one all-reduce carries all three, so every rank acts on them at the top of the next step. This is the
+    step's one host sync. Returns (loss, stop, timed).
+    """
+    if not compute.ddp:
+        return loss_accum.item(), stop, timed
+    shared = torch.zeros(3, device=compute.device)  # filled on the device: no host-to-device copy to wait on
+    shared[0] = loss_accum / compute.world_size
+    if stop:
+        shared[1] = 1.0
+    if timed:
+        shared[2] = 1.0
+    dist.all_reduce(shared, op=dist.ReduceOp.SUM)
+    return shared.tolist()
+
+
+def check_finite(run, step, loss, norm):
+    """Stop a diverged run here, on every rank alike (the loss is all-reduced, the norm the same everywhere),
+    before a non-finite state can be evaluated, saved, or rotate a healthy checkpoint out."""
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        raise UserError(f"the run diverged at step {step} (loss {loss}, gradient norm {norm}) and stopped; nothing "
+                        f"from that step on was saved: lower --max_lr (now {run.args.max_lr}) or lengthen "
+                        "--warmup_steps, then rerun to resume from the last checkpoint")
+
+
+def report_step(run, step, loss, lr, norm, dt):
+    """The step line on rank 0 (its `dt ...ms` field is what benchmark scripts parse), and log.txt's line."""
+    run.step_times.append(dt)
+    if not run.compute.master:
+        return
+    tokens_per_sec = run.args.total_batch_size / dt
+    mfu = None if run.peak_flops is None else \
+        speed.mfu_percent(run.flops_per_token, tokens_per_sec, run.peak_flops, run.compute.world_size)
+    elapsed = time.time() - run.started
+    eta = elapsed / (step + 1 - run.start_step) * (run.args.max_steps - step - 1)  # evaluations included
+    print(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
+          f"dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f}" + ("" if mfu is None else f" | mfu {mfu:.2f}%") +
+          f" | elapsed {duration(elapsed)} | eta {duration(eta)}")
+    run.log(f"{step} train {loss:.6f}")
+    run.metrics(step, **{"train/loss": loss, "lr": lr, "norm": norm, "tok_per_sec": tokens_per_sec},
+                **({} if mfu is None else {"mfu": mfu}))
+
+
+def duration(seconds):
+    """12s, 3m05s, 2h07m: the step line's elapsed time and ETA."""
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def finish_run(run):
+    """After the last step: the summary (or --benchmark's line) on rank 0, then the ranks tear down together."""
+    args, compute = run.args, run.compute
     if compute.master and args.benchmark:
-        print_benchmark(args, run.step_times, run.flops_per_token, run.peak_flops, compute.world_size,
-                        compute.device_type)
+        speed.print_benchmark(args, run.step_times, run.flops_per_token, run.peak_flops, compute.world_size,
+                              compute.device_type)
     elif compute.master:
         print_summary(run)
         if run.wandb is not None:
             run.wandb.finish()
     if compute.ddp:
-        dist.barrier()  # tear down together: no rank closes its connections while another still uses them
+        dist.barrier()  # no rank closes its connections while another still uses them
         dist.destroy_process_group()
     return 0
+
+
+def print_summary(run):
+    """What the run did, on rank 0 once the last step is done."""
+    args = run.args
+    steps = args.max_steps - run.start_step
+    final = os.path.join(args.log_dir, f"model_{args.max_steps - 1:05d}.pt")
+    hella = "" if run.hella is None else f" | HellaSwag {run.hella:.4f}"
+    print(f"done: {steps} steps ({args.max_steps * args.total_batch_size:,} tokens in all) in "
+          f"{duration(time.time() - run.started)} | val loss {run.val_loss:.4f}{hella} | model {final}")
+
+
+# -----------------------------------------------------------------------------
+# Setup: what train() does before the loop
 
 
 @dataclass
@@ -572,11 +704,11 @@ def compute_init(args):
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    device_type = check_device_type(args.device)
+    device_type = runtime.check_device_type(args.device)
     if ddp and device_type == "mps":
         raise UserError("torchrun with several processes is not supported on MPS; run `python train_gpt2.py`")
     if ddp:
-        exit_with_parent(f"rank {rank}")  # a kill -9 of torchrun must not leave this rank training
+        common.exit_with_parent(f"rank {rank}")  # a kill -9 of torchrun must not leave this rank training
     device = f"cuda:{local_rank}" if device_type == "cuda" else device_type
     if device_type == "cuda":
         torch.cuda.set_device(device)
@@ -584,8 +716,8 @@ def compute_init(args):
     autocast_ctx = (torch.autocast(device_type=device_type, dtype=torch.bfloat16) if dtype == "bf16"
                     else contextlib.nullcontext())
     use_compile = args.compile if args.compile is not None else device_type == "cuda"
-    select_sdpa_backend(args.sdpa_backend, device_type)
-    kept = device_type == "cpu" and args.keep_freed_memory and keep_freed_cpu_memory()
+    speed.select_sdpa_backend(args.sdpa_backend, device_type)
+    kept = device_type == "cpu" and args.keep_freed_memory and speed.keep_freed_cpu_memory()
     return Compute(ddp, rank, local_rank, world_size, device, device_type, dtype, autocast_ctx, use_compile, kept)
 
 
@@ -597,16 +729,15 @@ class Run:
     raw_model: GPT  # the plain module: evaluated, sampled and saved
     model: nn.Module  # the one that trains: raw_model, compiled and/or wrapped in DDP
     optimizer: torch.optim.Optimizer
-    train_batches: DevicePrefetcher
-    val_batches: DevicePrefetcher
+    train_batches: speed.DevicePrefetcher
+    val_batches: speed.DevicePrefetcher
     hella_model: hellaswag.Model
     enc: object  # GPT-2's tokenizer, for the samples
     grad_accum_steps: int
     start_step: int
-    data_identity: dict = None  # what the loaders read, recorded in checkpoints
+    checkpointer: checkpoints.Checkpointer  # decides when to save, and saves
     log_file: str = None  # log.txt, on rank 0 (None elsewhere and with --benchmark)
     val_loss: float = None  # the latest, recorded in checkpoints
-    last_save: float = 0.0  # time.time() of the latest checkpoint, for --save_every_minutes
     started: float = 0.0  # time.time() when this process's loop began, for the ETA
     hella: float = None  # the latest HellaSwag accuracy, for the summary
     step_times: list = field(default_factory=list)
@@ -616,7 +747,7 @@ class Run:
     wandb: object = None  # the Weights & Biases run (--wandb, rank 0)
 
     def log(self, line):
-        append_log(self.log_file, line)
+        checkpoints.append_log(self.log_file, line)
 
     def metrics(self, step, **values):
         """Step, lr, norm, speed and evaluation figures to Weights & Biases, with --wandb (rank 0)."""
@@ -624,7 +755,8 @@ class Run:
             self.wandb.log(values, step=step)
 
 
-class Inputs(NamedTuple):
+@dataclass
+class Inputs:
     """What the user gave, checked: the micro-batch sizes to try, the loaders, the tokenizer, the model's
     config, and the checkpoint to resume (None: a fresh start) with notes on what changed since."""
     candidates: list
@@ -647,53 +779,58 @@ def check_inputs(args, compute):
     config = GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer,
                        n_head=args.n_head, n_embd=args.n_embd, arch=args.arch, untie_head=args.untie_head,
                        attention=args.attention, ce_chunk_rows=args.chunked_ce)
-    ckpt = find_resume_checkpoint(args, "cpu")
-    identity = data_identity({"train": train_loader, "val": val_loader})
-    notes = check_resumable(ckpt, config, args, compute.world_size) + check_same_data(ckpt, identity, args) \
-        if ckpt else []
+    ckpt = checkpoints.find_resume_checkpoint(args, "cpu")
+    identity = checkpoints.data_identity({"train": train_loader, "val": val_loader})
+    notes = []
+    if ckpt:
+        notes = (checkpoints.check_resumable(ckpt, config, args, compute.world_size)
+                 + checkpoints.check_same_data(ckpt, identity, args))
     if args.wandb and compute.master:
-        import_wandb()  # installed? (before anything is written)
+        common.import_wandb()  # installed? (before anything is written)
     return Inputs(candidates, train_loader, val_loader, enc, config, ckpt, notes, identity)
 
 
 def setup_run(args, compute, inputs, was_ours):
     """With the inputs checked: the log, the process group, the model, the optimizer and the loaders, and
     the resumed state if there is one. None when the run in --log_dir is finished already."""
-    candidates, train_loader, val_loader, enc, config, ckpt, notes, identity = inputs
+    ckpt, config, train_loader, val_loader = inputs.ckpt, inputs.config, inputs.train_loader, inputs.val_loader
     start_step = ckpt["step"] if ckpt else 0
-    if ckpt and args.resume == "auto" and (last := finished_at(args.log_dir, args.max_steps)) is not None:
+    if ckpt and args.resume == "auto" and (last := checkpoints.finished_at(args.log_dir, args.max_steps)) is not None:
         compute.print0(f"{args.log_dir} holds a complete run (its log reaches step {last}, --max_steps is "
                        f"{args.max_steps}); nothing to do. Pass a larger --max_steps to train on")
         return None
-    log_file = (prepare_log_dir(args, ckpt and ckpt["path"], start_step if ckpt else None, was_ours)
+    log_file = (checkpoints.prepare_log_dir(args, ckpt and ckpt["path"], start_step if ckpt else None, was_ours)
                 if compute.master and not args.benchmark else None)
     init_distributed(compute, start_step)
 
     raw_model, model, optimizer = build_model(args, config, compute)
     if args.batch_size == "auto":
-        args.batch_size = auto_micro_batch(model, raw_model, candidates, args.seq_len, compute.autocast_ctx,
-                                           compute.device, compute.ddp)  # what checkpoints record
+        args.batch_size = speed.auto_micro_batch(model, raw_model, inputs.candidates, args.seq_len,
+                                                 compute.autocast_ctx, compute.device, compute.ddp)  # recorded
         train_loader, val_loader = make_loaders(args, compute, args.batch_size)
     # the loop reads batches through these: on the device, the next one already on its way
-    train_batches = DevicePrefetcher(train_loader, compute.device, args.prefetch)
-    val_batches = DevicePrefetcher(val_loader, compute.device, args.prefetch)
-    val_loss = restore_checkpoint(ckpt, raw_model, optimizer, train_batches, val_batches, identity) if ckpt else None
+    train_batches = speed.DevicePrefetcher(train_loader, compute.device, args.prefetch)
+    val_batches = speed.DevicePrefetcher(val_loader, compute.device, args.prefetch)
+    checkpointer = checkpoints.Checkpointer(args, raw_model, optimizer, {"train": train_batches, "val": val_batches},
+                                            start_step, compute.master, compute.world_size, inputs.data_identity)
+    val_loss = checkpointer.restore(ckpt) if ckpt else None
     if compute.ddp:
         model = DDP(model, device_ids=[compute.local_rank] if compute.device_type == "cuda" else None)
     # HellaSwag batches vary in shape: a compiled graph of its own, with dynamic shapes, on the same weights
     hidden = torch.compile(raw_model.hidden_states, dynamic=True) if compute.use_compile else raw_model.hidden_states
     run = Run(args, compute, raw_model, model, optimizer, train_batches, val_batches,
-              hellaswag.Model(hidden, raw_model.lm_head, config.block_size), enc,
+              hellaswag.Model(hidden, raw_model.lm_head, config.block_size), inputs.enc,
               grad_accum_steps=args.total_batch_size // (args.batch_size * args.seq_len * compute.world_size),
-              start_step=start_step, log_file=log_file, val_loss=val_loss, data_identity=identity,
+              start_step=start_step, checkpointer=checkpointer, log_file=log_file, val_loss=val_loss,
               flops_per_token=raw_model.flops_per_token(args.seq_len),
-              peak_flops=device_peak_flops(compute.device_type, args.peak_tflops))
-    describe_run(run, ckpt["path"] if ckpt else None, notes)
+              peak_flops=speed.device_peak_flops(compute.device_type, args.peak_tflops))
+    describe_run(run, ckpt["path"] if ckpt else None, inputs.notes)
     if args.wandb and compute.master:
         wandb_id = ckpt.get("wandb_id") if ckpt else None  # resumed: the same W&B run goes on
-        run.wandb = import_wandb().init(project=args.wandb_project, config=vars(args), id=wandb_id,
-                                        resume="allow" if wandb_id else None,
-                                        name=args.wandb_run_name or os.path.basename(os.path.abspath(args.log_dir)))
+        run.wandb = common.import_wandb().init(
+            project=args.wandb_project, config=vars(args), id=wandb_id, resume="allow" if wandb_id else None,
+            name=args.wandb_run_name or os.path.basename(os.path.abspath(args.log_dir)))
+        checkpointer.wandb_id = run.wandb.id
     return run
 
 
@@ -707,8 +844,9 @@ def micro_batch_sizes(args, compute):
                             "change -B, -T or --total_batch_size")
         return [args.batch_size]
     if compute.device_type != "cuda":
-        raise UserError(f"-B auto measures GPU memory, and this run is on {compute.device_type}; pass a number, e.g. -B 8")
-    candidates = micro_batch_candidates(args.total_batch_size, T, W)
+        raise UserError(f"-B auto measures GPU memory, and this run is on {compute.device_type}; pass a number, "
+                        "e.g. -B 8")
+    candidates = speed.micro_batch_candidates(args.total_batch_size, T, W)
     if not candidates:
         raise UserError(f"--total_batch_size {args.total_batch_size} is not a multiple of T*processes = "
                         f"{T}*{W}; change -T or --total_batch_size")
@@ -718,9 +856,12 @@ def micro_batch_sizes(args, compute):
 def make_loaders(args, compute, B):
     """The train and val loaders at micro-batch B: the shards in --data_dir, or random tokens (--synthetic)."""
     T, rank, W = args.seq_len, compute.rank, compute.world_size
-    if args.synthetic:
-        return (SyntheticLoader(B, T, rank, W, "train", args.seed), SyntheticLoader(B, T, rank, W, "val", args.seed))
-    return (DataLoaderLite(B, T, rank, W, "train", args.data_dir, args.vocab_size, shuffle=args.shuffle, seed=args.seed),
+    if args.synthetic:  # the tokenizer's ids: the padding past them never occurs in real data
+        V = min(args.vocab_size, EOT + 1)
+        return (speed.SyntheticLoader(B, T, rank, W, "train", V, args.seed),
+                speed.SyntheticLoader(B, T, rank, W, "val", V, args.seed))
+    return (DataLoaderLite(B, T, rank, W, "train", args.data_dir, args.vocab_size, shuffle=args.shuffle,
+                           seed=args.seed),
             DataLoaderLite(B, T, rank, W, "val", args.data_dir, args.vocab_size))
 
 
@@ -730,7 +871,7 @@ def load_eval_data(args):
     enc = None
     try:
         if args.sample or args.hellaswag:
-            enc = get_encoder()
+            enc = common.get_encoder()
     except UserError as e:
         raise UserError(f"{e}; or pass --no-sample --no-hellaswag") from None
     try:
@@ -747,7 +888,7 @@ def init_distributed(compute, start_step):
     if not compute.ddp:
         return
     dist.init_process_group(backend="nccl" if compute.device_type == "cuda" else "gloo")
-    exit_when_another_rank_fails(f"rank {compute.rank}")  # a rank failing alone must not leave the rest waiting
+    runtime.exit_when_another_rank_fails(f"rank {compute.rank}")  # a rank failing alone must not leave the rest waiting
     steps = torch.tensor([start_step, -start_step], dtype=torch.float32, device=compute.device)
     dist.all_reduce(steps, op=dist.ReduceOp.MAX)
     if steps[0].item() != -steps[1].item():
@@ -802,171 +943,6 @@ def describe_run(run, resumed_from, notes):
         compute.print0(f"note: {note}")
 
 
-def checkpoint_or_stop(run, step, stop, timed, milestone, stop_signals):
-    """
-    At the top of a step: a resume point when one is due (--save_every, --save_every_minutes) or a stop
-    was asked for. On a stop, returns the exit code (else None). Every rank takes the same decision, so
-    all stop at the same step.
-    """
-    args, compute = run.args, run.compute
-    periodic = args.save_every > 0 and step % args.save_every == 0
-    path = None
-    if compute.master and not args.benchmark and (stop or ((periodic or timed) and not milestone)):
-        path = save(run, "ckpt", step)
-        rotate_checkpoints(args.log_dir, args.keep_last, step)
-    if not stop:
-        return None
-    if compute.ddp:
-        dist.barrier()  # the checkpoint is complete before any rank exits
-    signum = stop_signals[0] if stop_signals else signal.SIGTERM
-    print(f"rank {compute.rank}: stopped at step {step} on {signal.Signals(signum).name}"
-          + (f", saved {path}" if path else "") + "; run the same command again to resume", flush=True)
-    if compute.ddp:
-        dist.destroy_process_group()
-    return 128 + signum  # non-zero, so a restart loop runs it again
-
-
-def save(run, name, step):
-    """{name}_{step}.pt in --log_dir, holding everything the next step depends on."""
-    path = os.path.join(run.args.log_dir, f"{name}_{step:05d}.pt")
-    wandb_id = run.wandb.id if run.wandb is not None else None
-    save_checkpoint(path, run.raw_model, run.optimizer, step, run.val_loss, run.args, run.train_batches,
-                    run.val_batches, run.compute.world_size, run.data_identity, wandb_id)
-    print(f"saved {path}")
-    run.last_save = time.time()
-    return path
-
-
-def evaluate(run, step):
-    """Val loss, HellaSwag accuracy and (after step 0) samples; rank 0 prints and logs them."""
-    args, compute = run.args, run.compute
-    run.model.eval()
-    val_loss = estimate_val_loss(run.model, run.val_batches, args.val_steps, compute.device, compute.autocast_ctx)
-    if compute.ddp:
-        dist.all_reduce(val_loss, op=dist.ReduceOp.AVG)
-    run.val_loss = val_loss.item()
-    run.metrics(step, **{"val/loss": run.val_loss})
-    compute.print0(f"validation loss: {run.val_loss:.4f}")
-    run.log(f"{step} val {run.val_loss:.4f}")
-    if args.hellaswag:
-        # each rank scores its share of the examples; the counts are summed
-        result = hellaswag.evaluate(run.hella_model, compute.device, rank=compute.rank, world_size=compute.world_size,
-                                    limit=args.hellaswag_limit, batch_tokens=args.hellaswag_batch_tokens,
-                                    autocast_ctx=compute.autocast_ctx)
-        counts = torch.tensor([result.correct_norm, result.total], dtype=torch.long, device=compute.device)
-        if compute.ddp:
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-        correct, total = counts.tolist()
-        run.hella = correct / total
-        run.metrics(step, **{"hellaswag/acc_norm": run.hella})
-        compute.print0(f"HellaSwag accuracy: {correct}/{total}={correct / total:.4f}")
-        run.log(f"{step} hella {correct / total:.4f}")
-    if args.sample and compute.master and step > 0:
-        prompt = "Hello, I'm a language model,"  # build-nanogpt's: 8 tokens, 32 in all
-        with compute.autocast_ctx:
-            samples = sample_text(run.raw_model, run.enc, prompt, 4, 32 - len(run.enc.encode(prompt)),
-                                  compute.device, seed=42)
-        for i, text in enumerate(samples):
-            one_line = text.replace("\n", "\\n")  # one line per sample, its newlines shown as \n
-            print(f"sample {i}: {one_line}")
-    run.model.train()
-
-
-def optimizer_step(run, step):
-    """
-    One step of the recipe: the gradient of the whole batch, summed over grad_accum_steps micro-batches,
-    clipped, then AdamW at this step's learning rate. Returns (mean loss on the device, grad norm, lr).
-    """
-    model, optimizer, compute = run.model, run.optimizer, run.compute
-    optimizer.zero_grad(set_to_none=True)
-    loss_accum = torch.zeros((), device=compute.device)
-    for micro_step in range(run.grad_accum_steps):
-        x, y = run.train_batches.next_batch()
-        # DDP all-reduces gradients only on the last micro-step; the others just accumulate locally
-        sync = not compute.ddp or micro_step == run.grad_accum_steps - 1
-        with (contextlib.nullcontext() if sync else model.no_sync()):
-            with compute.autocast_ctx:
-                _, loss = model(x, y)
-            # mean over the whole batch, not over each micro-batch: scale before summing gradients
-            loss = loss / run.grad_accum_steps
-            loss_accum += loss.detach()
-            loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), run.args.grad_clip)
-    lr = get_lr(step, run.args)
-    for param_group in optimizer.param_groups:
-        # one learning rate for every group (GPT-2's AdamW); with Muon each group has its share of it
-        param_group["lr"] = lr * param_group.get("lr_scale", 1.0)
-        if "momentum" in param_group:  # Muon's momentum warmup
-            param_group["momentum"] = variants.muon_momentum(step)
-    optimizer.step()
-    return loss_accum, norm, lr
-
-
-def share_step_results(compute, loss_accum, stop, timed):
-    """
-    The step's mean loss over all ranks, and whether any rank asked to stop or (rank 0) to save: under DDP
-    one all-reduce carries all three, so every rank acts on them at the top of the next step. This is the
-    step's one host sync. Returns (loss, stop, timed).
-    """
-    if not compute.ddp:
-        return loss_accum.item(), stop, timed
-    shared = torch.zeros(3, device=compute.device)  # filled on the device: no host-to-device copy to wait on
-    shared[0] = loss_accum / compute.world_size
-    if stop:
-        shared[1] = 1.0
-    if timed:
-        shared[2] = 1.0
-    dist.all_reduce(shared, op=dist.ReduceOp.SUM)
-    return shared.tolist()
-
-
-def check_finite(run, step, loss, norm):
-    """Stop a diverged run here, on every rank alike (the loss is all-reduced, the norm the same everywhere),
-    before a non-finite state can be evaluated, saved, or rotate a healthy checkpoint out."""
-    if not (math.isfinite(loss) and math.isfinite(norm)):
-        raise UserError(f"the run diverged at step {step} (loss {loss}, gradient norm {norm}) and stopped; nothing "
-                        f"from that step on was saved: lower --max_lr (now {run.args.max_lr}) or lengthen "
-                        "--warmup_steps, then rerun to resume from the last checkpoint")
-
-
-def report_step(run, step, loss, lr, norm, dt):
-    """The step line on rank 0 (its `dt ...ms` field is what benchmark scripts parse), and log.txt's line."""
-    run.step_times.append(dt)
-    if not run.compute.master:
-        return
-    tokens_per_sec = run.args.total_batch_size / dt
-    mfu = None if run.peak_flops is None else \
-        mfu_percent(run.flops_per_token, tokens_per_sec, run.peak_flops, run.compute.world_size)
-    elapsed = time.time() - run.started
-    eta = elapsed / (step + 1 - run.start_step) * (run.args.max_steps - step - 1)  # evaluations included
-    print(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
-          f"dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f}" + ("" if mfu is None else f" | mfu {mfu:.2f}%") +
-          f" | elapsed {duration(elapsed)} | eta {duration(eta)}")
-    run.log(f"{step} train {loss:.6f}")
-    run.metrics(step, **{"train/loss": loss, "lr": lr, "norm": norm, "tok_per_sec": tokens_per_sec},
-                **({} if mfu is None else {"mfu": mfu}))
-
-
-def duration(seconds):
-    """12s, 3m05s, 2h07m: the step line's elapsed time and ETA."""
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-def print_summary(run):
-    """What the run did, on rank 0 once the last step is done."""
-    args = run.args
-    steps = args.max_steps - run.start_step
-    final = os.path.join(args.log_dir, f"model_{args.max_steps - 1:05d}.pt")
-    hella = "" if run.hella is None else f" | HellaSwag {run.hella:.4f}"
-    print(f"done: {steps} steps ({args.max_steps * args.total_batch_size:,} tokens in all) in "
-          f"{duration(time.time() - run.started)} | val loss {run.val_loss:.4f}{hella} | model {final}")
-
-
 # -----------------------------------------------------------------------------
 # Flags and main
 
@@ -1009,10 +985,10 @@ def add_recipe_flags(p):
     g = p.add_argument_group("optimization")
     g.add_argument("--max_steps", type=int, default=19073, help="10B tokens / 2**19 tokens per step")
     g.add_argument("--warmup_steps", type=int, default=715, help="375M tokens, as in GPT-3")
-    g.add_argument("--max_lr", type=finite_float, default=6e-4, help="peak learning rate (GPT-3 Small's)")
-    g.add_argument("--min_lr_ratio", type=finite_float, default=0.1, help="min_lr = max_lr * this")
-    g.add_argument("--weight_decay", type=finite_float, default=0.1, help="AdamW decay of the 2-D tensors only")
-    g.add_argument("--grad_clip", type=finite_float, default=1.0, help="clip the global gradient norm to this")
+    g.add_argument("--max_lr", type=common.finite_float, default=6e-4, help="peak learning rate (GPT-3 Small's)")
+    g.add_argument("--min_lr_ratio", type=common.finite_float, default=0.1, help="min_lr = max_lr * this")
+    g.add_argument("--weight_decay", type=common.finite_float, default=0.1, help="AdamW decay of the 2-D tensors only")
+    g.add_argument("--grad_clip", type=common.finite_float, default=1.0, help="clip the global gradient norm to this")
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval_every", type=int, default=250, help="val loss, HellaSwag and samples every N steps")
     g.add_argument("--val_steps", type=int, default=20, help="val batches per evaluation, per process")
@@ -1031,7 +1007,7 @@ def add_recipe_flags(p):
                         "or the path of a checkpoint")
     g.add_argument("--save_every", type=int, default=1000, help="resume checkpoint log/ckpt_{step}.pt every N "
                                                                  "steps (0: off)")
-    g.add_argument("--save_every_minutes", type=finite_float, default=0, help="also every M minutes (0: off)")
+    g.add_argument("--save_every_minutes", type=common.finite_float, default=0, help="also every M minutes (0: off)")
     g.add_argument("--keep_last", type=int, default=2, help="how many ckpt_*.pt to keep (milestones always stay)")
     g = p.add_argument_group("model")
     g.add_argument("--n_layer", type=int, default=12, help="transformer blocks")
@@ -1053,11 +1029,14 @@ def add_variant_flags(p):
                    help="llama/modern: lm_head its own matrix, zero at init")
     g.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
                    help="muon: Muon at --max_lr on the blocks' matrices, AdamW on embedding, head, norms, biases")
-    g.add_argument("--adam_lr", type=finite_float, default=0.008, help="muon: AdamW's peak lr for head, norms, biases")
-    g.add_argument("--embed_lr", type=finite_float, default=0.6, help="muon with --untie_head: the embedding's peak lr")
+    g.add_argument("--adam_lr", type=common.finite_float, default=0.008,
+                   help="muon: AdamW's peak lr for head, norms, biases")
+    g.add_argument("--embed_lr", type=common.finite_float, default=0.6,
+                   help="muon with --untie_head: the embedding's peak lr")
     g.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine",
                    help="wsd: warmup, then --max_lr, then a linear cooldown to the min lr")
-    g.add_argument("--cooldown_frac", type=finite_float, default=0.28, help="wsd: the share of steps spent cooling down")
+    g.add_argument("--cooldown_frac", type=common.finite_float, default=0.28,
+                   help="wsd: the share of steps spent cooling down")
 
 
 def add_system_flags(p):
@@ -1068,14 +1047,15 @@ def add_system_flags(p):
                    help="autocast dtype (default: bf16 on CUDA GPUs that support it, else fp32)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA)")
-    g.add_argument("--compile_mode", default="default", choices=COMPILE_MODES, help="torch.compile's mode")
-    g.add_argument("--peak_tflops", type=finite_float, default=None, help="device peak for MFU, if not in the table")
+    g.add_argument("--compile_mode", default="default", choices=speed.COMPILE_MODES, help="torch.compile's mode")
+    g.add_argument("--peak_tflops", type=common.finite_float, default=None,
+                   help="device peak for MFU, if not in the table")
     g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True, help="TF32 matmuls on CUDA")
     g.add_argument("--fused_adamw", action=argparse.BooleanOptionalAction, default=None,
                    help="the fused AdamW kernel (default: on for CUDA)")
     g.add_argument("--attention", choices=["sdpa", "manual"], default="sdpa",
                    help="sdpa: flash attention; manual: the (T, T) matrix written out (same math)")
-    g.add_argument("--sdpa_backend", choices=list(SDPA_BACKENDS), default="auto",
+    g.add_argument("--sdpa_backend", choices=list(speed.SDPA_BACKENDS), default="auto",
                    help="the kernel behind scaled_dot_product_attention (auto: torch's choice; cudnn, efficient: "
                         "CUDA only)")
     g.add_argument("--chunked_ce", type=int, default=0, metavar="ROWS",
@@ -1100,7 +1080,7 @@ def add_system_flags(p):
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(description="Train GPT-2 from scratch; the defaults are the GPT-2 124M recipe.")
+    p = common.ArgumentParser(description="Train GPT-2 from scratch; the defaults are the GPT-2 124M recipe.")
     add_recipe_flags(p)
     add_variant_flags(p)
     add_system_flags(p)
@@ -1153,7 +1133,7 @@ def main(argv=None):
         code = train(args)
     except UserError as e:
         if dist.is_initialized():
-            tell_other_ranks(str(e))
+            runtime.tell_other_ranks(str(e))
         sys.exit(f"train_gpt2.py: error: {e}")
     except KeyboardInterrupt:  # Ctrl-C before training began: nothing to save
         sys.exit("train_gpt2.py: interrupted before training began")

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from common import UserError
+from machinery.common import UserError
 
 ARCHS = ("gpt2", "llama", "modern")
 ROPE_THETA = 10000.0
@@ -195,8 +195,8 @@ def muon_optimizers(model, args, fused):
     the schedule scales every group alike. Weight decay (--weight_decay) on 2-D tensors only, as in GPT-2's.
     """
     if not hasattr(torch.optim, "Muon"):
-        raise UserError(f"--optimizer muon needs torch.optim.Muon, in torch 2.9 and later (this is {torch.__version__}): "
-                        "pip install -U torch")
+        raise UserError(f"--optimizer muon needs torch.optim.Muon, in torch 2.9 and later (this is "
+                        f"{torch.__version__}): pip install -U torch")
     in_blocks = {id(p) for p in model.transformer.h.parameters()}
     params = [p for p in model.parameters() if p.requires_grad]
     matrices = [p for p in params if id(p) in in_blocks and p.dim() == 2]

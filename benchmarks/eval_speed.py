@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hellaswag  # noqa: E402
-from common import autodetect_device, synchronize  # noqa: E402
+from machinery.runtime import autodetect_device, synchronize  # noqa: E402
 from train_gpt2 import GPT, GPTConfig  # noqa: E402
 
 SIZES = {"small": dict(n_layer=4, n_head=4, n_embd=256), "124M": dict(n_layer=12, n_head=12, n_embd=768)}

@@ -17,6 +17,9 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+import tiktoken
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fineweb  # noqa: E402
 
@@ -26,9 +29,6 @@ NOVELS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.ab
 
 def plain_loop(args, out_dir):
     """The simplest correct writer: one process, one document at a time."""
-    import numpy as np
-    import tiktoken
-
     enc = tiktoken.get_encoding("gpt2")
     texts, _ = fineweb.load_documents(argparse.Namespace(dataset=args.dataset, streaming=False, text_column="text",
                                                          remote_name=None, out_dir=out_dir), skip=0)

@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+import torch
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {"124M": ["--n_layer", "12", "--n_head", "12", "--n_embd", "768", "--block_size", "1024"],
          "tiny": ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64"]}
@@ -64,8 +66,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.size == "tiny":
         args.seq_len = min(args.seq_len, 64)
-
-    import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"

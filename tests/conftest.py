@@ -25,7 +25,7 @@ if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))
 
 # the tests train tiny models in this process too: as train_gpt2.py does on CPU, keep freed memory for reuse
-import speed  # noqa: E402
+from machinery import speed  # noqa: E402
 
 speed.keep_freed_cpu_memory()
 
@@ -34,7 +34,8 @@ TINY_MODEL = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); run with `pytest -m cuda`")
-    config.addinivalue_line("markers", "slow: whole training runs and long sweeps; `pytest -m \"not slow\"` leaves them out")
+    config.addinivalue_line("markers",
+                            "slow: whole training runs and long sweeps; `pytest -m \"not slow\"` leaves them out")
 
 
 @pytest.fixture(scope="session")
@@ -52,7 +53,7 @@ def enc():
 def hellaswag_dir(tmp_path_factory, enc):
     """A HellaSwag cache dir holding hellaswag_val.jsonl; also exported as HELLASWAG_CACHE_DIR."""
     import hellaswag
-    from common import UserError
+    from machinery.common import UserError
 
     cache = str(tmp_path_factory.mktemp("hellaswag"))
     shared = os.path.join(SHARED, "hellaswag", "hellaswag_val_preprocessed.jsonl")

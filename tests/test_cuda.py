@@ -127,7 +127,7 @@ def test_chunked_cross_entropy_in_bf16():
 
 @pytest.mark.parametrize("backend", ["flash", "cudnn", "efficient", "math"])
 def test_each_sdpa_backend_gives_the_same_logits(backend):
-    from speed import select_sdpa_backend
+    from machinery.speed import select_sdpa_backend
 
     model = tiny_gpt().eval()
     idx = torch.randint(0, 50257, (4, 128), device="cuda")

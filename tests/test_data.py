@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import write_shards
 
-from common import UserError
-from speed import DevicePrefetcher
+from machinery.common import UserError
+from machinery.speed import DevicePrefetcher
 from train_gpt2 import EOT, DataLoaderLite
 
 

@@ -224,7 +224,8 @@ def test_shakespeare_preset(tmp_path, shakespeare_path, enc):
     assert proc.returncode == 0, proc.stderr
     text = open(shakespeare_path).read()
     assert shard_files(out) == expected_shards([text], enc, 50_000, prefix="tinyshakespeare")
-    assert [n for n, _ in shard_files(out)][:2] == ["tinyshakespeare_val_000000.npy", "tinyshakespeare_train_000001.npy"]
+    names = [n for n, _ in shard_files(out)]
+    assert names[:2] == ["tinyshakespeare_val_000000.npy", "tinyshakespeare_train_000001.npy"]
 
 
 @pytest.mark.slow

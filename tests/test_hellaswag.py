@@ -9,7 +9,7 @@ import torch
 from conftest import REPO, assert_one_line_error, run, run_script
 
 import hellaswag
-from common import UserError, download_file
+from machinery.common import UserError, download_file
 
 
 @pytest.mark.slow
@@ -136,7 +136,7 @@ def test_evaluate_splits_examples_across_ranks(hellaswag_dir):
 def test_command_line_scores_transformers_and_checkpoints(tmp_path, hellaswag_dir):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from checkpoints import atomic_torch_save
+    from machinery.checkpoints import atomic_torch_save
     from train_gpt2 import GPT, GPTConfig
 
     torch.manual_seed(0)

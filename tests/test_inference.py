@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import assert_one_line_error, run_script
 
-from checkpoints import atomic_torch_save
+from machinery.checkpoints import atomic_torch_save
 from train_gpt2 import GPT, GPTConfig
 
 CONFIG = GPTConfig(block_size=96, vocab_size=50304, n_layer=3, n_head=4, n_embd=64)

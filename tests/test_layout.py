@@ -1,7 +1,8 @@
-"""The repo's layout: the recipe in train_gpt2.py, its machinery beside it, no import cycles, and
-checkpoints written before the split still resuming."""
+"""The repo's layout: the scripts at the top, the recipe in train_gpt2.py, what they only import in
+machinery/, honest imports with no cycle, and checkpoints written before the split still resuming."""
 
 import ast
+import glob
 import os
 import shutil
 import subprocess
@@ -12,45 +13,97 @@ import pytest
 import torch
 from conftest import REPO, run_script
 
-from checkpoints import load_checkpoint
+from machinery.checkpoints import load_checkpoint
 from train_gpt2 import GPT
 
-PROJECT_MODULES = sorted(f[:-3] for f in os.listdir(REPO) if f.endswith(".py"))
 FIXTURES = os.path.join(REPO, "tests", "fixtures")
+SCRIPTS = ["app", "export", "fineweb", "hellaswag", "plot_log", "sample", "train_gpt2", "variants"]
+PACKAGE = "machinery"
 
 
-def module_level_imports(module):
-    """The project modules that `module` imports at its top level (not inside functions)."""
-    with open(os.path.join(REPO, f"{module}.py")) as f:
-        tree = ast.parse(f.read())
+def source_files():
+    """{module name: path} of the project's code: the scripts at the top and the machinery package."""
+    files = {name: os.path.join(REPO, f"{name}.py") for name in SCRIPTS}
+    for f in os.listdir(os.path.join(REPO, PACKAGE)):
+        if f.endswith(".py") and f != "__init__.py":
+            files[f"{PACKAGE}.{f[:-3]}"] = os.path.join(REPO, PACKAGE, f)
+    return files
+
+
+def project_imports(nodes, modules):
+    """The project modules that these import statements bring in."""
     names = set()
-    for node in tree.body:
+    for node in nodes:
         if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
+            names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0:
-            names.add(node.module.split(".")[0])
-    return names & set(PROJECT_MODULES)
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)  # from machinery import speed
+    return names & set(modules)
 
 
-def test_fineweb_and_hellaswag_load_alone():
-    """Importing them brings in no other file of the project: they are scripts that stand alone."""
-    code = (f"import sys; sys.path.insert(0, {REPO!r}); import fineweb, hellaswag; "
-            f"print(sorted(m for m in sys.modules if m in {PROJECT_MODULES!r}))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "['fineweb', 'hellaswag']"
+def test_the_top_level_holds_the_scripts_and_the_package_the_rest():
+    """Every .py at the top is a script a user runs (or variants.py, the lesson's second part), and has main()
+    or is imported by one; what is only imported lives in machinery/."""
+    top = sorted(f[:-3] for f in os.listdir(REPO) if f.endswith(".py"))
+    assert top == SCRIPTS
+    for name in SCRIPTS:
+        with open(os.path.join(REPO, f"{name}.py")) as f:
+            tree = ast.parse(f.read())
+        defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+        assert name == "variants" or "main" in defined, name
 
 
 def test_no_import_cycle():
-    graph = {m: module_level_imports(m) for m in PROJECT_MODULES}
-    assert graph["train_gpt2"] >= {"checkpoints", "speed", "hf_convert", "common"}  # the parser sees imports
+    files = source_files()
+    graph = {}
+    for module, path in files.items():
+        with open(path) as f:
+            graph[module] = project_imports(ast.parse(f.read()).body, files)
+    assert graph["train_gpt2"] >= {"machinery.checkpoints", "machinery.speed", "machinery.common"}
 
     def visit(module, path):
         assert module not in path, f"import cycle: {' -> '.join(path + [module])}"
         for dep in graph[module]:
             visit(dep, path + [module])
 
-    for m in PROJECT_MODULES:
+    for m in graph:
         visit(m, [])
+
+
+def test_imports_inside_functions_say_why():
+    """Imports go at the top; the few inside functions (an optional dependency, a slow one, a cycle) carry a
+    comment on their line or the line before saying why."""
+    unexplained = []
+    for path in [*source_files().values(), *glob.glob(os.path.join(REPO, "benchmarks", "*.py"))]:
+        with open(path) as f:
+            source = f.read()
+        lines = source.splitlines()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for inner in ast.walk(node):
+                    if isinstance(inner, (ast.Import, ast.ImportFrom)):
+                        here, before = lines[inner.lineno - 1], lines[inner.lineno - 2]
+                        if "#" not in here and "#" not in before:
+                            unexplained.append(f"{os.path.relpath(path, REPO)}:{inner.lineno}: {here.strip()}")
+    assert not unexplained, unexplained
+
+
+@pytest.mark.parametrize("script, beside", [("fineweb.py", ["machinery"]),
+                                            ("hellaswag.py", ["machinery", "variants.py"])])
+def test_fineweb_and_hellaswag_run_with_what_the_readme_says_beside_them(tmp_path, script, beside):
+    """Copied into an empty folder with the README's list beside it, each script starts (--help), and
+    importing it loads no other file of the project."""
+    for name in [script, *beside]:
+        copy = shutil.copytree if os.path.isdir(os.path.join(REPO, name)) else shutil.copy
+        copy(os.path.join(REPO, name), tmp_path / name)
+    proc = subprocess.run([sys.executable, script, "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr
+    code = (f"import sys; import {script[:-3]}; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in {'machinery', 'variants', 'train_gpt2', "
+            "'fineweb', 'hellaswag', 'sample'}))")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert {m.split(".")[0] for m in eval(loaded.stdout)} == {script[:-3], *(b.removesuffix(".py") for b in beside)}
 
 
 def test_train_gpt2_reads_like_the_lecture():

@@ -8,8 +8,8 @@ import torch
 
 import contextlib
 
-from common import UserError
-from speed import largest_micro_batch, micro_batch_candidates
+from machinery.common import UserError
+from machinery.speed import largest_micro_batch, micro_batch_candidates
 from train_gpt2 import GPT, GPTConfig, get_lr, parse_args
 
 TINY = GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=16)

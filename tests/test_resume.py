@@ -15,9 +15,9 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_MODEL, read_log, run, run_script
+from conftest import REPO, TINY_MODEL, read_log, run
 
-import checkpoints
+from machinery import checkpoints
 import fineweb
 import train_gpt2
 
@@ -453,7 +453,7 @@ def test_resuming_onto_changed_data_or_a_damaged_checkpoint(reference, small_sha
 
 
 def test_an_error_on_rank_0_alone_ends_every_rank_within_seconds(small_shards, small_disk, tmp_path, hellaswag_dir):
-    from common import lock_folder
+    from machinery.common import lock_folder
 
     # before the process group: rank 0 finds the folder taken (here, by this test); rank 1 was waiting for it
     log_dir = tmp_path / "taken"

@@ -70,7 +70,8 @@ def test_same_math_gives_the_same_loss_curve(variant, banner, base_run, shakespe
 
 
 RSS_AFTER_A_FREE = """
-import os, torch, speed
+import os, torch
+from machinery import speed
 applied = speed.keep_freed_cpu_memory()
 rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 before = rss()

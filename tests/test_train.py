@@ -88,7 +88,8 @@ def test_plot_labels_the_run_by_its_own_size_and_hellaswag_sample(shakespeare_ru
     labels = [t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()]
     size = sum({p.data_ptr(): p.numel() for p in train_gpt2.GPT.from_pretrained(
         os.path.join(log_dir, "model_00039.pt")).state_dict().values()}.values())
-    assert f"this run ({size / 1e6:.0f}M parameters): train loss" in labels and not any("124M: train" in x for x in labels)
+    assert f"this run ({size / 1e6:.0f}M parameters): train loss" in labels
+    assert not any("124M: train" in x for x in labels)
     assert f"this run ({size / 1e6:.0f}M parameters), 16 examples per point" in labels and "chance (1 in 4)" in labels
     assert "OpenAI GPT-3 Small, 125M (paper)" in labels
     assert ax_loss.get_yscale() == "linear" and open(path, "rb").read(4) == b"\x89PNG"
@@ -295,7 +296,8 @@ def wandb_history(run_dir):
 
 
 @pytest.mark.slow
-def test_wandb_offline_logs_what_log_txt_logs_and_a_resume_goes_on_in_the_same_run(shakespeare_shards, hellaswag_dir, tmp_path):
+def test_wandb_offline_logs_what_log_txt_logs_and_a_resume_goes_on_in_the_same_run(shakespeare_shards, hellaswag_dir,
+                                                                                   tmp_path):
     pytest.importorskip("wandb")
     args = ["--data_dir", shakespeare_shards, "--log_dir", tmp_path / "myrun", *TINY_MODEL, "-B", 4, "-T", 32,
             "--total_batch_size", 256, "--max_steps", 4, "--warmup_steps", 1, "--eval_every", 3, "--val_steps", 2,
@@ -303,7 +305,8 @@ def test_wandb_offline_logs_what_log_txt_logs_and_a_resume_goes_on_in_the_same_r
     proc = run_script("train_gpt2.py", *args, env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path),
                                                    "WANDB_SILENT": "true"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (run_dir,) = [os.path.join(tmp_path, "wandb", n) for n in os.listdir(tmp_path / "wandb") if n.startswith("offline-run")]
+    (run_dir,) = [os.path.join(tmp_path, "wandb", n) for n in os.listdir(tmp_path / "wandb")
+                  if n.startswith("offline-run")]
     rows, config = wandb_history(run_dir)
     log = read_log(tmp_path / "myrun" / "log.txt")
     by_step = {}
@@ -332,8 +335,10 @@ def test_wandb_offline_logs_what_log_txt_logs_and_a_resume_goes_on_in_the_same_r
 
 
 def test_wandb_missing_is_one_line_naming_the_install(shakespeare_shards, tmp_path):
+    flags = [str(a) for a in ["--data_dir", shakespeare_shards, "--log_dir", tmp_path / "log", *TINY_MODEL, "-B", 2,
+                              "-T", 32, "--wandb", "--no-hellaswag"]]
     code = ("import sys; sys.modules['wandb'] = None; import train_gpt2; "  # as if wandb were not installed
-            f"train_gpt2.main({[str(a) for a in ['--data_dir', shakespeare_shards, '--log_dir', tmp_path / 'log', *TINY_MODEL, '-B', 2, '-T', 32, '--wandb', '--no-hellaswag']]})")
+            f"train_gpt2.main({flags})")
     proc = run([sys.executable, "-c", code], cwd=REPO)
     assert_one_line_error(proc, "--wandb needs Weights & Biases", "pip install wandb")
     assert not os.path.exists(tmp_path / "log")

@@ -15,7 +15,7 @@ from test_resume import finish, kill9, log_bytes, logged, start, wait_until
 
 import train_gpt2
 import variants
-from hf_convert import export_to_transformers
+from machinery.hf_convert import export_to_transformers
 from train_gpt2 import GPT, GPTConfig
 
 ARCHS = [("llama", False), ("modern", False), ("modern", True), ("llama", True)]

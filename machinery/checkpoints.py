@@ -2,7 +2,8 @@
 Checkpoints and resuming for train_gpt2.py: what a run writes to --log_dir, and how it continues.
 
 model_{step}.pt are the milestones (every --checkpoint_every steps, kept); ckpt_{step}.pt the frequent
-resume points (--save_every, --save_every_minutes, a stop signal), rotated by --keep_last. Both hold the
+resume points (--save_every, --save_every_minutes, a stop signal), rotated by --keep_last; the
+Checkpointer decides which is due at each step, the one place that does. Both hold the
 full state of the run at the top of `step`, after `step` updates: weights, AdamW's moments, both data
 loaders' positions and every RNG, so a resumed run writes the same log.txt as one never stopped.
 Every file is written to a temporary name and renamed, so a crash leaves the old file or the new one.
@@ -13,14 +14,15 @@ import os
 import random
 import re
 import signal
+import time
 import zlib
 from dataclasses import asdict
 
 import numpy as np
 import torch
 
-from common import (UserError, atomic_write, file_fingerprint, first_line, lock_folder, unusable_folder,
-                    write_failure)
+from machinery.common import (UserError, atomic_write, file_fingerprint, first_line, lock_folder,
+                              unusable_folder, write_failure)
 
 CHECKPOINT_RE = re.compile(r"^(model|ckpt)_(\d+)\.pt$")
 LOCK_NAME = "train_gpt2.lock"  # held by the run that owns the folder; also marks it as one this script ran in
@@ -107,29 +109,6 @@ def check_same_data(ckpt, identity, args):
     return [f"--new_data: {what}; training goes on with this data, read from its start"]
 
 
-def save_checkpoint(path, model, optimizer, step, val_loss, args, train_loader, val_loader, world_size,
-                    identity, wandb_id=None):
-    # a diverged state is never saved: it would rotate the last healthy resume points away
-    if not all(torch.isfinite(t).all() for t in model.state_dict().values()):
-        raise UserError(f"not saving {path}: the weights hold NaN or inf, the run diverged before step {step}; "
-                        f"lower --max_lr (now {args.max_lr}) and rerun to resume from the last checkpoint")
-    payload = {
-        "model": model.state_dict(),  # the plain module: no "_orig_mod." or "module." prefixes
-        "optimizer": optimizer.state_dict(),
-        "config": model_config(model.config),
-        "step": step,
-        "val_loss": val_loss,
-        "args": vars(args),
-        "world_size": world_size,
-        "data": {"train": train_loader.state_dict(), "val": val_loader.state_dict()},
-        "data_identity": identity,
-        "rng": rng_state(),
-    }
-    if wandb_id is not None:  # a resumed run goes on logging into the same W&B run
-        payload["wandb_id"] = wandb_id
-    atomic_torch_save(dict(payload, checksum=payload_crc(payload)), path)
-
-
 def load_checkpoint(path, device="cpu"):
     """torch.load with weights_only=True, and a clear error for a missing, truncated, corrupt or foreign file."""
     try:
@@ -146,20 +125,93 @@ def load_checkpoint(path, device="cpu"):
     return ckpt
 
 
-def restore_checkpoint(ckpt, model, optimizer, train_batches, val_batches, identity):
-    """Put a run's saved state back: weights, AdamW's moments, both loaders' positions (unless the data is
-    new, see check_same_data), every RNG. Returns the last val loss it recorded."""
-    model.load_state_dict(ckpt["model"])
-    # the saved param groups replace the new ones: keep this run's flags (--weight_decay, the lr shares)
-    flags = [{k: g[k] for k in ("weight_decay", "lr_scale") if k in g} for g in optimizer.param_groups]
-    optimizer.load_state_dict(ckpt["optimizer"])  # moves the moments to the parameters' device
-    for group, kept in zip(optimizer.param_groups, flags):
-        group.update(kept)
-    if ckpt.get("data_identity", identity) == identity:
-        train_batches.load_state_dict(ckpt["data"]["train"])
-        val_batches.load_state_dict(ckpt["data"]["val"])
-    set_rng_state(ckpt["rng"])
-    return ckpt["val_loss"]
+# -----------------------------------------------------------------------------
+# The policy: when the run saves, what, and putting it back
+
+
+class Checkpointer:
+    """
+    Owns when the run saves and what it writes, so the training loop asks once per step. Given the
+    run's stateful parts (model, optimizer, the train and val loaders), at the top of `step`:
+    model_{step}.pt every --checkpoint_every steps and at the last step (milestones, kept); otherwise
+    ckpt_{step}.pt every --save_every steps, every --save_every_minutes (rank 0's clock, agreed by all
+    ranks), and on a stop signal, rotated by --keep_last. Only rank 0 writes, and --benchmark writes nothing.
+    """
+
+    def __init__(self, args, model, optimizer, loaders, start_step, writer, world_size, identity):
+        self.args, self.model, self.optimizer, self.loaders = args, model, optimizer, loaders
+        self.start_step = start_step  # the resume point this run began from is not written again
+        self.writer = writer and not args.benchmark  # rank 0
+        self.world_size, self.identity = world_size, identity  # recorded: resuming checks them
+        self.wandb_id = None  # --wandb: a resumed run goes on logging into the same W&B run
+        self.last_save = time.time()
+
+    def timed_save_due(self):
+        """Whether --save_every_minutes have passed since the last save: asked at the end of a step, the
+        answer travels to every rank with the step's loss, and the save happens at the top of the next."""
+        minutes = self.args.save_every_minutes
+        return self.writer and 0 < minutes * 60 <= time.time() - self.last_save
+
+    def due(self, step, last_step, stop=False, timed=False):
+        """The name of the file due at the top of `step` ("model", "ckpt") or None; on a stop, the resume point."""
+        args = self.args
+        if stop:
+            return "ckpt"
+        if step > 0 and (step % args.checkpoint_every == 0 or last_step):
+            return "model"
+        if step > self.start_step and (timed or (args.save_every > 0 and step % args.save_every == 0)):
+            return "ckpt"
+        return None
+
+    def save(self, step, val_loss, last_step=False, stop=False, timed=False):
+        """Write what is due at the top of `step` (see due()); returns its path, or None."""
+        name = self.due(step, last_step, stop, timed)
+        if name is None or not self.writer:
+            return None
+        path = os.path.join(self.args.log_dir, f"{name}_{step:05d}.pt")
+        self.write(path, step, val_loss)
+        print(f"saved {path}")
+        self.last_save = time.time()
+        if name == "ckpt":
+            rotate_checkpoints(self.args.log_dir, self.args.keep_last, step)
+        return path
+
+    def write(self, path, step, val_loss):
+        """Everything the next step depends on, and a checksum of it; a diverged state is never written (it
+        would rotate the last healthy resume points away)."""
+        if not all(torch.isfinite(t).all() for t in self.model.state_dict().values()):
+            raise UserError(f"not saving {path}: the weights hold NaN or inf, the run diverged before step {step}; "
+                            f"lower --max_lr (now {self.args.max_lr}) and rerun to resume from the last checkpoint")
+        payload = {
+            "model": self.model.state_dict(),  # the plain module: no "_orig_mod." or "module." prefixes
+            "optimizer": self.optimizer.state_dict(),
+            "config": model_config(self.model.config),
+            "step": step,
+            "val_loss": val_loss,
+            "args": vars(self.args),
+            "world_size": self.world_size,
+            "data": {split: loader.state_dict() for split, loader in self.loaders.items()},
+            "data_identity": self.identity,
+            "rng": rng_state(),
+        }
+        if self.wandb_id is not None:
+            payload["wandb_id"] = self.wandb_id
+        atomic_torch_save(dict(payload, checksum=payload_crc(payload)), path)
+
+    def restore(self, ckpt):
+        """Put a run's saved state back: weights, the optimizer's moments, both loaders' positions (unless the
+        data is new, see check_same_data), every RNG. Returns the last val loss it recorded."""
+        self.model.load_state_dict(ckpt["model"])
+        # the saved param groups replace the new ones: keep this run's flags (--weight_decay, the lr shares)
+        flags = [{k: g[k] for k in ("weight_decay", "lr_scale") if k in g} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(ckpt["optimizer"])  # moves the moments to the parameters' device
+        for group, kept in zip(self.optimizer.param_groups, flags):
+            group.update(kept)
+        if ckpt.get("data_identity", self.identity) == self.identity:
+            for split, loader in self.loaders.items():
+                loader.load_state_dict(ckpt["data"][split])
+        set_rng_state(ckpt["rng"])
+        return ckpt["val_loss"]
 
 
 # -----------------------------------------------------------------------------

@@ -1,16 +1,28 @@
 """
-Helpers every script here shares: the one-line error, downloads, GPT-2's tokenizer, and device detection.
+Helpers every script here shares: the one-line error and the flags' parser, safe writes, downloads,
+folder locks, GPT-2's tokenizer. It needs no torch (fineweb.py's tokenizer processes load it), so what
+needs torch (devices, ranks) is in runtime.py.
 
-Nothing in this file is part of the GPT-2 recipe; train_gpt2.py can be read without opening it. It
-imports torch, requests and tiktoken only where a function needs them, so that fineweb.py's tokenizer
-processes stay light.
+Nothing in this file is part of the GPT-2 recipe; train_gpt2.py can be read without opening it.
 """
 
 import argparse
+import fcntl
 import functools
 import math
 import os
+import shutil
+import socket
+import sys
+import threading
+import time
 import zlib
+
+import requests
+import tiktoken
+from tqdm import tqdm
+
+BIN_MAGIC, BIN_VERSION = 20240520, 1  # llm.c's data file header (fineweb.py writes it, train_gpt2.py reads it)
 
 
 class UserError(Exception):
@@ -70,8 +82,6 @@ def write_failure(path, e):
     writer, safetensors) their first line and the space left on that disk."""
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
-    import shutil
-
     try:
         free = f"{shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free:,} bytes free there"
     except OSError:
@@ -97,15 +107,13 @@ def atomic_write(path, write):
 
 def download_file(url, path, chunk_size=1 << 20):
     """Stream `url` into a temporary file next to `path`, then rename: `path` is complete or absent."""
-    import requests
-    from tqdm import tqdm
-
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with requests.get(url, stream=True, timeout=30) as resp:
             resp.raise_for_status()
             total = int(resp.headers.get("content-length", 0)) or None
-            with open(tmp, "wb") as f, tqdm(total=total, unit="iB", unit_scale=True, desc=os.path.basename(path)) as bar:
+            bar = tqdm(total=total, unit="iB", unit_scale=True, desc=os.path.basename(path))
+            with open(tmp, "wb") as f, bar:
                 for chunk in resp.iter_content(chunk_size=chunk_size):
                     bar.update(f.write(chunk))
         os.replace(tmp, path)
@@ -124,7 +132,7 @@ def download_file(url, path, chunk_size=1 << 20):
 def import_wandb():
     """The wandb module for --wandb, or a one-line error naming the install command."""
     try:
-        import wandb
+        import wandb  # an optional dependency: imported only for --wandb
     except ImportError:
         raise UserError("--wandb needs Weights & Biases, which is not installed: pip install wandb "
                         "(or leave out --wandb)") from None
@@ -133,8 +141,6 @@ def import_wandb():
 
 def get_encoder():
     """GPT-2's BPE through tiktoken, loaded on first use (it may need the network once)."""
-    import tiktoken
-
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # tiktoken raises plain requests/OS errors when its files cannot be fetched
@@ -154,9 +160,6 @@ def lock_folder(folder, name, flag):
     blocks a rerun. If another process holds it, a UserError naming that process. Returns the lock's file
     descriptor (keep it open).
     """
-    import fcntl
-    import socket
-
     try:
         os.makedirs(folder, exist_ok=True)
         fd = os.open(os.path.join(folder, name), os.O_RDWR | os.O_CREAT, 0o644)
@@ -177,10 +180,6 @@ def lock_folder(folder, name, flag):
 def exit_with_parent(what):
     """End this process soon after its parent dies (checked every 0.2 s). torchrun starts each rank in a session
     of its own, so a kill -9 of torchrun would otherwise leave them running, holding their folder's lock."""
-    import sys
-    import threading
-    import time
-
     parent = os.getppid()
 
     def watch():
@@ -190,96 +189,3 @@ def exit_with_parent(what):
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="exit_with_parent").start()
-
-
-RANK_ERROR_KEY = "train_gpt2.py/error"
-_told_others = False
-
-
-def _rendezvous_store():
-    """A client of torchrun's key-value store (MASTER_ADDR:MASTER_PORT), of this process's own."""
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                         timeout=timedelta(seconds=10))
-
-
-def tell_other_ranks(message):
-    """A rank that fails alone once training has begun leaves its message in the store, where the other
-    ranks (blocked in a collective that will never complete) find it; see exit_when_another_rank_fails."""
-    global _told_others
-    _told_others = True
-    try:
-        _rendezvous_store().set(RANK_ERROR_KEY, message)
-    except Exception:  # best effort: torchrun still ends the other ranks, only later
-        pass
-
-
-def exit_when_another_rank_fails(what):
-    """Watch the store twice a second; when another rank has failed, print its message and exit. The watch
-    ends, and its store client is closed in its own thread, before the interpreter shuts down: a client still
-    inside a call at exit can abort the process ("terminate called without an active exception")."""
-    import atexit
-    import sys
-    import threading
-
-    stop = threading.Event()
-
-    def watch():
-        try:
-            store = _rendezvous_store()
-            while not store.check([RANK_ERROR_KEY]) or _told_others:
-                if stop.wait(0.5):
-                    return
-            message = store.get(RANK_ERROR_KEY).decode()
-        except Exception:  # no store to watch (not started by torchrun), or it is gone: torchrun ends the ranks
-            return
-        finally:
-            store = None  # closed here, not during the interpreter's shutdown
-        print(f"{what}: stopping, another rank failed: {message}", file=sys.stderr, flush=True)
-        os._exit(1)
-
-    thread = threading.Thread(target=watch, daemon=True, name="exit_when_another_rank_fails")
-    thread.start()
-
-    def end_watch():
-        stop.set()
-        thread.join(timeout=5)
-
-    atexit.register(end_watch)
-
-
-def autodetect_device():
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def check_device_type(requested):
-    """The device type to train on: --device's ("cuda:1" gives "cuda"), else the first available."""
-    import torch
-
-    device_type = (requested or autodetect_device()).split(":")[0]
-    if device_type not in ("cuda", "mps", "cpu"):
-        raise UserError(f"--device {requested!r} is not one of cuda, mps, cpu")
-    if device_type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but torch sees no CUDA GPU; drop --device or use --device cpu")
-    if device_type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-        raise UserError("--device mps was asked for but MPS is not available; use --device cpu")
-    return device_type
-
-
-def synchronize(device_type):
-    """Wait for the device's queued work: host timers then measure it."""
-    import torch
-
-    if device_type == "cuda":
-        torch.cuda.synchronize()
-    elif device_type == "mps":
-        torch.mps.synchronize()

@@ -12,13 +12,15 @@ Device and speed tooling for train_gpt2.py. None of it changes what is computed,
 import ctypes
 import json
 import os
+import resource
 import sys
 
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
 
-from common import UserError, synchronize
+from machinery.common import UserError
+from machinery.runtime import synchronize
 
 # -----------------------------------------------------------------------------
 # CPU memory
@@ -95,8 +97,6 @@ def print_benchmark(args, step_times, flops_per_token, peak_flops, world_size, d
     if device_type == "cuda":
         peak_memory = torch.cuda.max_memory_allocated() / 2 ** 30
     else:  # the process's peak resident memory (Linux reports KiB, macOS bytes)
-        import resource
-
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         peak_memory = rss / (2 ** 30 if sys.platform == "darwin" else 2 ** 20)
     result = dict(ms_per_step=round(ms, 2), tokens_per_sec=round(tokens_per_sec), mfu=mfu and round(mfu, 2),
@@ -194,8 +194,8 @@ def auto_micro_batch(model, raw_model, candidates, T, autocast_ctx, device, ddp)
 class SyntheticLoader:
     """Random tokens in place of shards, for measuring speed with no data on disk (--synthetic)."""
 
-    def __init__(self, B, T, process_rank, num_processes, split, seed=0):
-        self.B, self.T, self.num_processes = B, T, num_processes
+    def __init__(self, B, T, process_rank, num_processes, split, vocab_size, seed=0):
+        self.B, self.T, self.num_processes, self.vocab_size = B, T, num_processes, vocab_size
         self.shards, self.skipped = [], []
         self.seed = 2 * (seed * 1000 + process_rank) + (split == "val")  # its own stream per rank and split
         self.reset()
@@ -204,7 +204,7 @@ class SyntheticLoader:
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def next_batch(self):
-        buf = torch.randint(0, 50257, (self.B * self.T + 1,), generator=self.generator)
+        buf = torch.randint(0, self.vocab_size, (self.B * self.T + 1,), generator=self.generator)
         return buf[:-1].view(self.B, self.T), buf[1:].view(self.B, self.T)
 
     def state_dict(self):

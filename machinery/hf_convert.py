@@ -14,8 +14,11 @@ import shutil
 
 import torch
 
-from common import UserError, first_line, write_failure
-from variants import RMS_EPS, ROPE_THETA, swiglu_hidden
+from safetensors import SafetensorError
+from tiktoken.load import read_file_cached
+
+import variants
+from machinery.common import UserError, first_line, write_failure
 
 HUB_NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 # transformers' GPT-2 keeps these four weights as (in, out) (its Conv1D), nn.Linear as (out, in)
@@ -24,7 +27,9 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 
 def load_hf_model(name_or_path):
     """transformers' causal LM (GPT-2 or Llama here) from the hub or a save_pretrained directory."""
-    from transformers import AutoModelForCausalLM  # imported here: slow, and only needed for these conversions
+    # imported here, not at the top: transformers takes ~3 s to import, and training needs it only to read
+    # OpenAI's weights
+    from transformers import AutoModelForCausalLM
 
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path)
@@ -51,7 +56,8 @@ def llama_names(n_layer):
                  ("attn.c_proj", "self_attn.o_proj"), ("mlp.c_gate", "mlp.gate_proj"), ("mlp.c_fc", "mlp.up_proj"),
                  ("mlp.c_proj", "mlp.down_proj"), ("ln_1", "input_layernorm"), ("ln_2", "post_attention_layernorm")]
     for i in range(n_layer):
-        names += [(f"transformer.h.{i}.{ours}.weight", f"model.layers.{i}.{theirs}.weight") for ours, theirs in per_layer]
+        names += [(f"transformer.h.{i}.{ours}.weight", f"model.layers.{i}.{theirs}.weight")
+                  for ours, theirs in per_layer]
     return names
 
 
@@ -81,10 +87,11 @@ def from_llama(name_or_path, hf_model):
     """from_transformers for a LlamaForCausalLM of the shape --arch llama builds."""
     hf = hf_model.config
     theta = (getattr(hf, "rope_parameters", None) or {}).get("rope_theta", getattr(hf, "rope_theta", None))
-    if hf.num_key_value_heads != hf.num_attention_heads or hf.intermediate_size != swiglu_hidden(hf.hidden_size) \
-            or theta != ROPE_THETA or hf.hidden_act != "silu" or hf.attention_bias or hf.mlp_bias:
+    width = variants.swiglu_hidden(hf.hidden_size)
+    if hf.num_key_value_heads != hf.num_attention_heads or hf.intermediate_size != width \
+            or theta != variants.ROPE_THETA or hf.hidden_act != "silu" or hf.attention_bias or hf.mlp_bias:
         raise UserError(f"{name_or_path}: only the Llama shape of --arch llama is read (no grouped KV heads, "
-                        f"SwiGLU width {swiglu_hidden(hf.hidden_size)}, RoPE theta {ROPE_THETA:g}, no biases)")
+                        f"SwiGLU width {width}, RoPE theta {variants.ROPE_THETA:g}, no biases)")
     config = dict(block_size=hf.max_position_embeddings, vocab_size=hf.vocab_size, n_layer=hf.num_hidden_layers,
                   n_head=hf.num_attention_heads, n_embd=hf.hidden_size, arch="llama",
                   untie_head=not hf.tie_word_embeddings)
@@ -98,8 +105,6 @@ def export_to_transformers(model, out_dir, vocab_size=50257):
     embedding cut back to the tokenizer's `vocab_size` and GPT-2's tokenizer files beside it. The folder is
     written under a temporary name and renamed: it is complete or absent, and a failed export can be retried.
     """
-    from safetensors import SafetensorError
-
     check_exportable(model.config, vocab_size)
     out_dir = os.path.normpath(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir):
@@ -130,7 +135,7 @@ def check_exportable(cfg, vocab_size):
 
 def write_transformers_folder(model, out_dir, vocab_size):
     """The weights, config and tokenizer files of export_to_transformers, into an existing folder."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel  # slow to import: see load_hf_model
 
     cfg = model.config
     check_exportable(cfg, vocab_size)
@@ -154,13 +159,14 @@ def write_transformers_folder(model, out_dir, vocab_size):
 
 def llama_model(model, vocab_size):
     """An --arch llama GPT as a LlamaForCausalLM with the same weights (the vocabulary cut to the tokenizer's)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # slow to import: see load_hf_model
 
     cfg = model.config
     hf_model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab_size, hidden_size=cfg.n_embd, intermediate_size=swiglu_hidden(cfg.n_embd),
+        vocab_size=vocab_size, hidden_size=cfg.n_embd, intermediate_size=variants.swiglu_hidden(cfg.n_embd),
         num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
-        max_position_embeddings=cfg.block_size, rms_norm_eps=RMS_EPS, rope_theta=ROPE_THETA, hidden_act="silu",
+        max_position_embeddings=cfg.block_size, rms_norm_eps=variants.RMS_EPS, rope_theta=variants.ROPE_THETA,
+        hidden_act="silu",
         tie_word_embeddings=not cfg.untie_head, bos_token_id=50256, eos_token_id=50256))
     sd, theirs = model.state_dict(), hf_model.state_dict()
     with torch.no_grad():
@@ -173,8 +179,6 @@ def llama_model(model, vocab_size):
 def write_gpt2_tokenizer(out_dir, max_length):
     """GPT-2's own tokenizer files (vocab.json = encoder.json, merges.txt = vocab.bpe), as tiktoken fetches
     and caches them, so an exported model loads with its tokenizer offline, e.g. in lm-evaluation-harness."""
-    from tiktoken.load import read_file_cached
-
     base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
     files = {"vocab.json": ("encoder.json", "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
              "merges.txt": ("vocab.bpe", "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5")}
