@@ -5,6 +5,7 @@ FineWeb-Edu (sample-10BT) -> GPT-2 token shards for train_gpt2.py.
     python fineweb.py --dataset fineweb --remote_name sample-100BT --streaming --out_dir fineweb100B
     python fineweb.py --dataset shakespeare              # Tiny Shakespeare, for a first run on a laptop
     python fineweb.py --dataset my_corpus.jsonl --out_dir my_shards --shard_size 10000000
+    python fineweb.py --pretokenized fineweb-edu-10B --num_shards 10   # download others' shards instead
 
 Every document is prefixed with <|endoftext|> and tokenized with tiktoken's GPT-2 BPE; the
 token stream is cut into shards of --shard_size uint16 tokens, {prefix}_{split}_{index:06d}.npy
@@ -29,7 +30,7 @@ import numpy as np
 import tiktoken
 from tqdm import tqdm
 
-from machinery import common
+from machinery import common, pretokenized
 from machinery.common import UserError
 
 HUB_DATASETS = {"fineweb-edu": "HuggingFaceFW/fineweb-edu", "fineweb": "HuggingFaceFW/fineweb"}
@@ -322,6 +323,9 @@ def prepare_out_dir(args):
     """Where to start: {"next_shard", "doc", "offset"}, or None when the run has already finished."""
     existing = sorted(glob.glob(os.path.join(args.out_dir, f"{args.prefix}_*_*.npy")) +
                       glob.glob(os.path.join(args.out_dir, f"{args.prefix}_*_*.bin")))
+    if os.path.exists(os.path.join(args.out_dir, pretokenized.PROGRESS_NAME)):
+        raise UserError(f"{args.out_dir} holds downloaded shards (fineweb.py --pretokenized); they are never mixed "
+                        "with tokenized ones: pass --out_dir NEW_DIR")
     state = None
     if os.path.exists(progress_path(args)) and not args.overwrite:
         state = load_progress(args)
@@ -388,7 +392,21 @@ def parse_args(argv=None):
     p.add_argument("--num_proc", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
     p.add_argument("--chunk_chars", type=int, default=2_000_000, help="characters of text per tokenizer task")
     p.add_argument("--overwrite", action="store_true", help="delete the shards already in --out_dir first")
+    g = p.add_argument_group("download shards tokenized by others instead (llm.c's .bin, from the hub)")
+    g.add_argument("--pretokenized", default=None, metavar="NAME",
+                   help=f"{', '.join(pretokenized.SOURCES)}, or a hub dataset id holding *_val_*.bin and "
+                        "*_train_*.bin; --out_dir defaults to NAME")
+    g.add_argument("--num_shards", type=int, default=None,
+                   help="the val shard and the first N train shards (default: all); a larger N later fetches the rest")
+    g.add_argument("--jobs", type=int, default=8, help="files downloaded at once")
     args = p.parse_args(argv)
+    if args.pretokenized is not None:
+        if args.overwrite:
+            p.error("--overwrite is for tokenizing; a download refetches only what is missing or damaged")
+        if (args.num_shards is not None and args.num_shards <= 0) or args.jobs <= 0:
+            p.error("--num_shards and --jobs must be positive")
+        args.out_dir = args.out_dir or pretokenized.default_out_dir(args.pretokenized)
+        return args
     shakespeare = args.dataset == "shakespeare"
     args.out_dir = args.out_dir or ("tinyshakespeare" if shakespeare else "edu_fineweb10B")
     # a Tiny Shakespeare folder written before its shards had their own name keeps its edufineweb_* name
@@ -408,6 +426,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
+    if args.pretokenized is not None:
+        return main_download(args, t0)
     try:
         init_worker()  # fail here, once, if the tokenizer cannot be loaded
     except Exception as e:
@@ -428,6 +448,20 @@ def main(argv=None):
     if writer.next_shard == 1:
         print("warning: only the val shard was written; train_gpt2.py needs train shards too: "
               "use a smaller --shard_size")
+
+
+def main_download(args, t0):
+    """`--pretokenized`: fetch the shards instead of tokenizing, into a folder locked as tokenizing locks it."""
+    try:
+        with claim_out_dir(args):
+            have, fetched, size = pretokenized.download(args)
+    except UserError as e:
+        sys.exit(f"fineweb.py: error: {e}")
+    if not fetched:
+        print(f"{args.out_dir} holds all {have} shards asked for, intact; nothing to fetch")
+        return
+    print(f"fetched {fetched} shards ({size / 1e9:.2f} GB) into {args.out_dir} in {time.time() - t0:.1f} s: "
+          f"{have} shards there (1 val, {have - 1} train)")
 
 
 def write_shards(args):

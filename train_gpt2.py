@@ -277,8 +277,10 @@ EOT = 50256  # <|endoftext|>: fineweb.py puts one before every document
 
 def list_shards(data_root, split):
     """The shard files of one split, sorted by name, as build-nanogpt's loader orders them."""
-    fix = ("run `python fineweb.py` (FineWeb-Edu 10B, about 20 GB), or for a first try `python fineweb.py "
-           "--dataset shakespeare` and `python train_gpt2.py --first_try`, or point --data_dir at your shards")
+    fix = ("download FineWeb-Edu's GPT-2 tokens with `python fineweb.py --pretokenized fineweb-edu-10B` (minutes) "
+           "and pass --data_dir fineweb-edu-10B, or tokenize it here with `python fineweb.py` (about an hour), or for "
+           "a first try `python fineweb.py --dataset shakespeare` and `python train_gpt2.py --first_try`, or point "
+           "--data_dir at your shards")
     if not os.path.isdir(data_root):
         raise UserError(f"data directory {data_root!r} does not exist; {fix}")
     shards = sorted(glob.glob(os.path.join(data_root, f"*_{split}_*.npy")) +
@@ -295,16 +297,10 @@ def load_tokens(path, vocab_size=None):
     """
     fix = "delete it and rerun `python fineweb.py`"
     if path.endswith(".bin"):  # llm.c: 256 int32 (magic, version, token count, ...), then uint16 tokens
-        header = np.fromfile(path, dtype=np.int32, count=256)
-        if len(header) < 256 or header[0] != common.BIN_MAGIC:
-            raise UserError(f"shard {path} is not an llm.c data file (no magic number {common.BIN_MAGIC}); {fix}")
-        if header[1] != common.BIN_VERSION:
-            raise UserError(f"shard {path} is llm.c data version {header[1]}, only {common.BIN_VERSION} (uint16) is "
-                            "read")
-        size, expected = os.path.getsize(path), 256 * 4 + 2 * int(header[2])
-        if size != expected:
-            raise UserError(f"shard {path} has {size:,} bytes, its header promises {expected:,}: truncated? {fix}")
-        tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=256 * 4, shape=(int(header[2]),))
+        if problem := common.bin_shard_problem(path):  # the magic number, the version, the size the header promises
+            raise UserError(f"shard {path} {problem}; {fix}")
+        num_tokens = int(np.fromfile(path, dtype=np.int32, count=3)[2])
+        tokens = np.memmap(path, dtype=np.uint16, mode="r", offset=256 * 4, shape=(num_tokens,))
     else:
         try:
             tokens = np.load(path, mmap_mode="r", allow_pickle=False)

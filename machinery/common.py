@@ -18,6 +18,7 @@ import threading
 import time
 import zlib
 
+import numpy as np
 import requests
 import tiktoken
 from tqdm import tqdm
@@ -75,6 +76,20 @@ def finite_float(text):
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
+
+
+def bin_shard_problem(path):
+    """What is wrong with an llm.c GPT-2 token file (256 int32 of header: magic, version, token count; then the
+    uint16 tokens), in words, or None: the magic number, the version, and a size that is what the header promises."""
+    header = np.fromfile(path, dtype=np.int32, count=256)
+    if len(header) < 256 or header[0] != BIN_MAGIC:
+        return f"is not an llm.c data file (no magic number {BIN_MAGIC})"
+    if header[1] != BIN_VERSION:
+        return f"is llm.c data version {header[1]}, only {BIN_VERSION} (uint16) is read"
+    size, expected = os.path.getsize(path), 256 * 4 + 2 * int(header[2])
+    if size != expected:
+        return f"has {size:,} bytes, its header promises {expected:,}: truncated?"
+    return None
 
 
 def write_failure(path, e):

@@ -104,7 +104,7 @@ def test_a_shard_too_short_for_one_step_is_skipped(tmp_path):
 
 
 def test_errors_name_the_fix(tmp_path):
-    with pytest.raises(UserError, match="does not exist; run `python fineweb.py`"):
+    with pytest.raises(UserError, match="does not exist; download .*--pretokenized fineweb-edu-10B"):
         DataLoaderLite(1, 8, 0, 1, "train", str(tmp_path / "nowhere"))
     with pytest.raises(UserError, match=r"no train shards \(\*_train_\*.npy or .bin\)"):
         DataLoaderLite(1, 8, 0, 1, "train", str(tmp_path))

@@ -152,7 +152,9 @@ def run_main(*argv):
 def test_bad_inputs_give_one_line_errors(tmp_path, shakespeare_shards, capsys):
     base = ["--data_dir", shakespeare_shards, "--log_dir", tmp_path / "log", *TINY_MODEL, "-B", 2, "-T", 32,
             "--no-hellaswag", "--no-sample", "--max_steps", 2, "--warmup_steps", 1]
-    assert "does not exist; run `python fineweb.py`" in run_main(*base, "--data_dir", tmp_path / "nowhere")
+    missing = run_main(*base, "--data_dir", tmp_path / "nowhere")
+    assert "does not exist; download FineWeb-Edu's GPT-2 tokens with `python fineweb.py --pretokenized" in missing
+    assert "or tokenize it here with `python fineweb.py`" in missing
     msg = run_main(*base, "--total_batch_size", 100)
     assert "--total_batch_size 100 is not a multiple of B*T*processes = 2*32*1 = 64" in msg
     assert "sees no CUDA GPU" in run_main(*base, "--device", "cuda")
