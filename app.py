@@ -165,8 +165,8 @@ def main(argv=None):
         sys.exit(f"app.py: error: no checkpoint in {args.log_dir}/ (train first, e.g. `python train_gpt2.py "
                  "--first_try`); or pass -m PATH or -m gpt2")
     offered = sorted({*chosen, *(path for _, path in checkpoints.list_checkpoints(args.log_dir))})
-    models = Models(offered, args.device or runtime.autodetect_device())
     try:
+        models = Models(offered, runtime.single_device(args.device))
         for name in chosen:  # loaded once, before the page opens
             models.get(name)
     except common.UserError as e:

@@ -428,11 +428,20 @@ def main(argv=None):
     t0 = time.time()
     if args.pretokenized is not None:
         return main_download(args, t0)
+    missing = []  # what the run must download first, all of it named in one message when offline
     try:
-        init_worker()  # fail here, once, if the tokenizer cannot be loaded
-    except Exception as e:
-        sys.exit(f"fineweb.py: error: could not load the GPT-2 tokenizer ({type(e).__name__}); connect once "
-                 "to cache it, or set TIKTOKEN_CACHE_DIR to a folder holding its files")
+        common.get_encoder()  # here, once: the tokenizer processes load it again
+        init_worker()
+    except UserError as e:
+        missing.append(str(e))
+    if args.dataset == "shakespeare":
+        try:
+            with claim_out_dir(args):
+                fetch_shakespeare(args.out_dir)
+        except UserError as e:
+            missing.append(str(e))
+    if missing:
+        sys.exit(f"fineweb.py: error: {'; and '.join(missing)}")
     try:
         with claim_out_dir(args):
             writer, what, seconds = write_shards(args)

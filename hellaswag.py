@@ -45,7 +45,11 @@ def download(split, cache_dir=None):
     path = os.path.join(cache_dir, f"hellaswag_{split}.jsonl")
     if not os.path.exists(path):
         print(f"downloading HellaSwag {split} to {path}")
-        common.download_file(URLS[split], path)
+        try:
+            common.download_file(URLS[split], path)
+        except common.UserError as e:
+            raise common.UserError(f"{e} (or set HELLASWAG_CACHE_DIR to a folder holding hellaswag_{split}.jsonl)") \
+                from None
     return path
 
 
@@ -217,7 +221,8 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=None, help="score only the first N examples")
     p.add_argument("--batch_tokens", type=int, default=8192,
                    help="tokens per forward pass, many examples at once (0: one example at a time)")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on CUDA, else fp32")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                   help="default: bf16 on CUDA GPUs that compute it natively, else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--cache_dir", default=None, help="where the .jsonl files live (default $HELLASWAG_CACHE_DIR "
                                                       "or ./hellaswag)")
@@ -225,12 +230,15 @@ def main(argv=None):
     if args.batch_tokens < 0 or (args.limit is not None and args.limit <= 0):
         p.error("--batch_tokens must be >= 0 and --limit positive")
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = args.device or runtime.autodetect_device()
-    if device == "cuda" and world_size > 1:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
-    autocast_ctx = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if dtype == "bf16" else None
     try:
+        # under torchrun each rank scores on its own GPU, as train_gpt2.py's ranks train
+        device_type = runtime.check_device_type(args.device)
+        device = runtime.process_device(args.device, device_type, int(os.environ.get("LOCAL_RANK", 0)),
+                                        world_size > 1)
+        if device_type == "cuda":
+            torch.cuda.set_device(device)
+        dtype = args.dtype or ("bf16" if runtime.bf16_supported(device_type) else "fp32")
+        autocast_ctx = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bf16" else None
         for _ in iterate_examples(args.split, args.cache_dir):  # the data first: quicker to find missing or damaged
             pass
         model = load_model(args.model, device, args.compile)

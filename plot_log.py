@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from machinery import checkpoints
+from machinery import checkpoints, common
 
 # reference points (sources in the README): GPT-2 124M's val loss on FineWeb-Edu and its HellaSwag
 # acc_norm as build-nanogpt measured them; GPT-3 Small's HellaSwag from the GPT-3 paper
@@ -92,10 +92,11 @@ def plot(log_dir, out=None):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    log_dir = argv[0] if argv else "log"
+    p = common.ArgumentParser(description="Plot a run's log.txt against GPT-2 124M and GPT-3 Small, as curves.png.")
+    p.add_argument("log_dir", nargs="?", default="log", help="the run's folder (its log.txt)")
+    args = p.parse_args(argv)
     try:
-        _, path = plot(log_dir)
+        _, path = plot(args.log_dir)
     except FileNotFoundError as e:
         sys.exit(f"plot_log.py: error: {e}")
     print(f"wrote {path}")

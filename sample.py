@@ -34,8 +34,10 @@ def load_model(name, device):
 
 
 def inference_context(device):
-    """bf16 autocast on CUDA, as training evaluates; full precision elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+    """bf16 autocast on CUDA GPUs that compute it natively, as training evaluates; full precision elsewhere."""
+    if device.startswith("cuda") and runtime.bf16_supported("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def main(argv=None):
@@ -57,7 +59,6 @@ def main(argv=None):
     if not args.prompt:
         p.error("--prompt is empty: give some text for the model to continue")
 
-    device = args.device or runtime.autodetect_device()
     if args.model is None:
         found = checkpoints.list_checkpoints("log")
         if not found:
@@ -66,6 +67,7 @@ def main(argv=None):
         args.model = found[0][1]
         print(f"model: {args.model}")
     try:
+        device = runtime.single_device(args.device)
         enc = common.get_encoder()
         model = load_model(args.model, device)
     except common.UserError as e:

@@ -480,7 +480,13 @@ def train(args):
             return 0
         # from here on SIGTERM (preemption, torchrun shutting down) or Ctrl-C finish the step, save and exit
         with checkpoints.stop_signals_caught() as stop_signals:
-            return train_loop(run, stop_signals)
+            try:
+                return train_loop(run, stop_signals)
+            except KeyboardInterrupt:  # a second Ctrl-C: at once, wherever the run was (a save is dropped whole)
+                print("train_gpt2.py: stopped at once by a second Ctrl-C; a checkpoint being written was dropped, "
+                      "the earlier ones are intact: run the same command again to resume", file=sys.stderr,
+                      flush=True)
+                return 128 + signal.SIGINT
 
 
 def train_loop(run, stop_signals):
@@ -620,11 +626,14 @@ def report_step(run, step, loss, lr, norm, dt):
     tokens_per_sec = run.args.total_batch_size / dt
     mfu = None if run.peak_flops is None else \
         speed.mfu_percent(run.flops_per_token, tokens_per_sec, run.peak_flops, run.compute.world_size)
-    elapsed = time.time() - run.started
-    eta = elapsed / (step + 1 - run.start_step) * (run.args.max_steps - step - 1)  # evaluations included
+    now = time.time()
+    if step == run.start_step:  # compiling and warming up: no estimate from this step
+        run.eta_from, eta = now, "-"
+    else:  # the steps since, evaluations included
+        eta = duration((now - run.eta_from) / (step - run.start_step) * (run.args.max_steps - step - 1))
     print(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | "
           f"dt {dt * 1000:.2f}ms | tok/sec {tokens_per_sec:.2f}" + ("" if mfu is None else f" | mfu {mfu:.2f}%") +
-          f" | elapsed {duration(elapsed)} | eta {duration(eta)}")
+          f" | elapsed {duration(now - run.started)} | eta {eta}")
     run.log(f"{step} train {loss:.6f}")
     run.metrics(step, **{"train/loss": loss, "lr": lr, "norm": norm, "tok_per_sec": tokens_per_sec},
                 **({} if mfu is None else {"mfu": mfu}))
@@ -657,13 +666,17 @@ def finish_run(run):
 
 
 def print_summary(run):
-    """What the run did, on rank 0 once the last step is done."""
+    """What the run did, on rank 0 once the last step is done: the whole run's steps, the share of them this
+    process ran, and the final model. The last step evaluates and saves before its own update (as in
+    build-nanogpt), so model_{max_steps - 1}.pt holds the weights after max_steps - 1 updates, as it records."""
     args = run.args
-    steps = args.max_steps - run.start_step
-    final = os.path.join(args.log_dir, f"model_{args.max_steps - 1:05d}.pt")
+    last = args.max_steps - 1
+    final = os.path.join(args.log_dir, f"model_{last:05d}.pt")
     hella = "" if run.hella is None else f" | HellaSwag {run.hella:.4f}"
-    print(f"done: {steps} steps ({args.max_steps * args.total_batch_size:,} tokens in all) in "
-          f"{duration(time.time() - run.started)} | val loss {run.val_loss:.4f}{hella} | model {final}")
+    print(f"done: {args.max_steps} steps ({args.max_steps * args.total_batch_size:,} tokens), "
+          f"{args.max_steps - run.start_step} of them in this process, in {duration(time.time() - run.started)} | "
+          f"model {final}: after {last} updates ({last * args.total_batch_size:,} tokens) | "
+          f"val loss {run.val_loss:.4f}{hella}")
 
 
 # -----------------------------------------------------------------------------
@@ -705,10 +718,10 @@ def compute_init(args):
         raise UserError("torchrun with several processes is not supported on MPS; run `python train_gpt2.py`")
     if ddp:
         common.exit_with_parent(f"rank {rank}")  # a kill -9 of torchrun must not leave this rank training
-    device = f"cuda:{local_rank}" if device_type == "cuda" else device_type
+    device = runtime.process_device(args.device, device_type, local_rank, ddp)
     if device_type == "cuda":
         torch.cuda.set_device(device)
-    dtype = args.dtype or ("bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "fp32")
+    dtype = args.dtype or ("bf16" if runtime.bf16_supported(device_type) else "fp32")
     autocast_ctx = (torch.autocast(device_type=device_type, dtype=torch.bfloat16) if dtype == "bf16"
                     else contextlib.nullcontext())
     use_compile = args.compile if args.compile is not None else device_type == "cuda"
@@ -734,7 +747,8 @@ class Run:
     checkpointer: checkpoints.Checkpointer  # decides when to save, and saves
     log_file: str = None  # log.txt, on rank 0 (None elsewhere and with --benchmark)
     val_loss: float = None  # the latest, recorded in checkpoints
-    started: float = 0.0  # time.time() when this process's loop began, for the ETA
+    started: float = 0.0  # time.time() when this process's loop began
+    eta_from: float = 0.0  # when this process's first step ended: the ETA leaves out compiling and warming up
     hella: float = None  # the latest HellaSwag accuracy, for the summary
     step_times: list = field(default_factory=list)
     flops_per_token: float = 0.0
@@ -769,6 +783,8 @@ def check_inputs(args, compute):
     """Every check of what the user gave (flags, data, tokenizer, checkpoint): nothing is written to --log_dir
     before they all pass (only HellaSwag's cache may be filled), and none of them waits for the other ranks."""
     candidates = micro_batch_sizes(args, compute)
+    if args.batch_size != "auto":
+        check_cuda_graphs(args, compute, args.batch_size)
     # with -B auto, the data is checked at the smallest candidate and the loaders made again once B is known
     train_loader, val_loader = make_loaders(args, compute, candidates[-1])
     enc = load_eval_data(args)
@@ -795,14 +811,19 @@ def setup_run(args, compute, inputs, was_ours):
         compute.print0(f"{args.log_dir} holds a complete run (its log reaches step {last}, --max_steps is "
                        f"{args.max_steps}); nothing to do. Pass a larger --max_steps to train on")
         return None
+    # a run that was killed before its first checkpoint starts over: say so
+    restart = not ckpt and args.resume == "auto" and os.path.exists(os.path.join(args.log_dir, "log.txt"))
     log_file = (checkpoints.prepare_log_dir(args, ckpt and ckpt["path"], start_step if ckpt else None, was_ours)
                 if compute.master and not args.benchmark else None)
+    if restart and not args.overwrite:
+        compute.print0(f"no checkpoint in {args.log_dir} yet: starting at step 0")
     init_distributed(compute, start_step)
 
     raw_model, model, optimizer = build_model(args, config, compute)
     if args.batch_size == "auto":
         args.batch_size = speed.auto_micro_batch(model, raw_model, inputs.candidates, args.seq_len,
                                                  compute.autocast_ctx, compute.device, compute.ddp)  # recorded
+        check_cuda_graphs(args, compute, args.batch_size)
         train_loader, val_loader = make_loaders(args, compute, args.batch_size)
     # the loop reads batches through these: on the device, the next one already on its way
     train_batches = speed.DevicePrefetcher(train_loader, compute.device, args.prefetch)
@@ -828,6 +849,17 @@ def setup_run(args, compute, inputs, was_ours):
             name=args.wandb_run_name or os.path.basename(os.path.abspath(args.log_dir)))
         checkpointer.wandb_id = run.wandb.id
     return run
+
+
+def check_cuda_graphs(args, compute, B):
+    """--compile_mode reduce-overhead and max-autotune capture CUDA graphs, which overwrite the .grad tensors
+    they allocated during capture: gradients accumulated over several micro-steps would be lost (torch's
+    _inductor/cudagraph_trees.py). Refused unless each step is one micro-step."""
+    accum = args.total_batch_size // (B * args.seq_len * compute.world_size)
+    if compute.use_compile and args.compile_mode in ("reduce-overhead", "max-autotune") and accum > 1:
+        raise UserError(f"--compile_mode {args.compile_mode} captures CUDA graphs, which lose gradients accumulated "
+                        f"over micro-steps, and -B {B} needs {accum} of them per step; use --compile_mode "
+                        "max-autotune-no-cudagraphs (or default), or a -B that makes one micro-step per step")
 
 
 def micro_batch_sizes(args, compute):
@@ -863,19 +895,22 @@ def make_loaders(args, compute, B):
 
 def load_eval_data(args):
     """The tokenizer (for samples and HellaSwag) and HellaSwag's val file, now, so that a missing one fails
-    before training starts. Returns the tokenizer, or None when neither needs it."""
-    enc = None
+    before training starts, in one message naming every one that is missing. Returns the tokenizer, or None
+    when neither needs it."""
+    enc, missing = None, []
     try:
         if args.sample or args.hellaswag:
             enc = common.get_encoder()
     except UserError as e:
-        raise UserError(f"{e}; or pass --no-sample --no-hellaswag") from None
+        missing.append(f"{e} (or pass --no-sample --no-hellaswag)")
     try:
         if args.hellaswag:
             for _ in hellaswag.iterate_examples("val"):  # downloads it once; a damaged file fails here, not later
                 pass
     except UserError as e:
-        raise UserError(f"{e}; or pass --no-hellaswag") from None
+        missing.append(f"{e} (or pass --no-hellaswag)")
+    if missing:
+        raise UserError("; and ".join(missing))
     return enc
 
 
@@ -1052,8 +1087,8 @@ def add_system_flags(p):
     g.add_argument("--attention", choices=["sdpa", "manual"], default="sdpa",
                    help="sdpa: flash attention; manual: the (T, T) matrix written out (same math)")
     g.add_argument("--sdpa_backend", choices=list(speed.SDPA_BACKENDS), default="auto",
-                   help="the kernel behind scaled_dot_product_attention (auto: torch's choice; cudnn, efficient: "
-                        "CUDA only)")
+                   help="the kernel behind scaled_dot_product_attention, with math for the calls it refuses "
+                        "(auto: torch's choice; cudnn, efficient: CUDA only)")
     g.add_argument("--chunked_ce", type=int, default=0, metavar="ROWS",
                    help="lm_head + loss ROWS rows at a time, never the whole batch's logits (0: off; same math)")
     g.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
@@ -1123,16 +1158,30 @@ def parse_args(argv=None):
     return args
 
 
+def out_of_memory(args, e):
+    """The one-line error for a GPU out of memory mid-run (-B 64, the default, does not fit a 40 GB card)."""
+    B = args.batch_size
+    if B == "auto":
+        return UserError(f"out of GPU memory ({common.first_line(e)[:120]}); use a smaller model or -T")
+    smaller = next((b for b in range(B // 2, 0, -1) if args.total_batch_size % (b * args.seq_len) == 0), 1)
+    return UserError(f"out of GPU memory at -B {B} ({common.first_line(e)[:120]}); pass -B {smaller} (the same "
+                     f"--total_batch_size, with more accumulation steps) or -B auto, which finds the largest that fits")
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
-        code = train(args)
+        try:
+            code = train(args)
+        except torch.OutOfMemoryError as e:
+            raise out_of_memory(args, e) from None
     except UserError as e:
         if dist.is_initialized():
             runtime.tell_other_ranks(str(e))
         sys.exit(f"train_gpt2.py: error: {e}")
     except KeyboardInterrupt:  # Ctrl-C before training began: nothing to save
-        sys.exit("train_gpt2.py: interrupted before training began")
+        print("train_gpt2.py: interrupted before training began", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
     sys.exit(code)
 
 

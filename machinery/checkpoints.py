@@ -278,6 +278,10 @@ def check_resumable(ckpt, config, args, world_size):
                  "cooldown_frac", "adam_lr", "embed_lr"):
         if saved.get(flag, defaults.get(flag)) != getattr(args, flag):
             notes.append(f"--{flag} changed from {saved.get(flag, defaults.get(flag))} to {getattr(args, flag)}")
+    if saved["max_steps"] != args.max_steps:
+        notes.append(f"the learning-rate schedule is recomputed over {args.max_steps} steps, so from step "
+                     f"{ckpt['step']} on it follows the new curve, not the one the run was on (after a finished "
+                     f"run's decay it rises again); to keep the old curve, pass --max_steps {saved['max_steps']}")
     return notes
 
 
@@ -287,8 +291,10 @@ def check_resumable(ckpt, config, args, world_size):
 
 def truncate_log(log_file, step):
     """Keep only the whole lines of steps before `step`: the resumed run writes the rest again. A line cut
-    short by a crash or a full disk (no newline at its end) is dropped, never continued."""
+    short by a crash or a full disk (no newline at its end) is dropped, never continued. No log yet (another
+    run's checkpoint resumed into a new folder): an empty one, which the run fills from `step` on."""
     if not os.path.exists(log_file):
+        open(log_file, "w").close()
         return
     with open(log_file) as f:
         kept = "".join(line for line in f if (m := LOG_LINE_RE.match(line)) and int(m.group(1)) < step)

@@ -159,8 +159,10 @@ def get_encoder():
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # tiktoken raises plain requests/OS errors when its files cannot be fetched
-        raise UserError(f"could not load the GPT-2 tokenizer with tiktoken ({type(e).__name__}); connect "
-                        "once to cache it, or set TIKTOKEN_CACHE_DIR to a folder holding its files") from None
+        raise UserError(f"could not load the GPT-2 tokenizer with tiktoken ({type(e).__name__}); connect once to "
+                        "cache it (vocab.bpe and encoder.json from "
+                        "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/), or set TIKTOKEN_CACHE_DIR "
+                        "to a folder holding tiktoken's cache of them") from None
 
 
 def unusable_folder(flag, folder, e):

@@ -7,6 +7,7 @@ import atexit
 import os
 import sys
 import threading
+import time
 from datetime import timedelta
 
 import torch
@@ -15,6 +16,7 @@ import torch.distributed as dist
 from machinery.common import UserError
 
 RANK_ERROR_KEY = "train_gpt2.py/error"
+RANK_ACK_KEY = "train_gpt2.py/error_read"  # how many of the other ranks have printed the message
 _told_others = False
 
 
@@ -30,7 +32,13 @@ def tell_other_ranks(message):
     global _told_others
     _told_others = True
     try:
-        _rendezvous_store().set(RANK_ERROR_KEY, message)
+        store = _rendezvous_store()
+        store.set(RANK_ERROR_KEY, message)
+        # torchrun ends every rank once this one exits, perhaps before they have said why: wait (5 s at most)
+        # until each has printed the message
+        others, deadline = int(os.environ.get("WORLD_SIZE", 1)) - 1, time.time() + 5
+        while store.add(RANK_ACK_KEY, 0) < others and time.time() < deadline:
+            time.sleep(0.05)
     except Exception:  # best effort: torchrun still ends the other ranks, only later
         pass
 
@@ -42,6 +50,7 @@ def exit_when_another_rank_fails(what):
     stop = threading.Event()
 
     def watch():
+        store = None
         try:
             store = _rendezvous_store()
             while not store.check([RANK_ERROR_KEY]) or _told_others:
@@ -49,10 +58,14 @@ def exit_when_another_rank_fails(what):
                     return
             message = store.get(RANK_ERROR_KEY).decode()
         except Exception:  # no store to watch (not started by torchrun), or it is gone: torchrun ends the ranks
-            return
-        finally:
             store = None  # closed here, not during the interpreter's shutdown
+            return
         print(f"{what}: stopping, another rank failed: {message}", file=sys.stderr, flush=True)
+        try:
+            store.add(RANK_ACK_KEY, 1)  # said: the failed rank may exit now
+        except Exception:
+            pass
+        store = None
         os._exit(1)
 
     thread = threading.Thread(target=watch, daemon=True, name="exit_when_another_rank_fails")
@@ -83,6 +96,34 @@ def check_device_type(requested):
     if device_type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise UserError("--device mps was asked for but MPS is not available; use --device cpu")
     return device_type
+
+
+def process_device(requested, device_type, local_rank, ddp):
+    """The device this process runs on. Under torchrun each rank takes its LOCAL_RANK's GPU, so an index in
+    --device is refused there; outside it, --device cuda:N is GPU N."""
+    if device_type != "cuda":
+        return device_type
+    index = requested.split(":", 1)[1] if requested and ":" in requested else None
+    if ddp and index is not None:
+        raise UserError(f"--device {requested}: under torchrun each rank uses the GPU of its LOCAL_RANK; pass "
+                        "--device cuda (and CUDA_VISIBLE_DEVICES to choose the GPUs)")
+    if index is None:
+        return f"cuda:{local_rank}"
+    if not index.isdigit() or int(index) >= torch.cuda.device_count():
+        raise UserError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA GPUs "
+                        f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    return f"cuda:{index}"
+
+
+def single_device(requested):
+    """The device of a one-process script (sample.py, app.py): --device, checked, or the first available."""
+    return process_device(requested, check_device_type(requested), 0, ddp=False)
+
+
+def bf16_supported(device_type):
+    """Whether bf16 autocast is the default here: on GPUs that compute bf16 themselves. T4 and V100 only
+    emulate it (torch.cuda.is_bf16_supported() is true there by default), slower than fp32."""
+    return device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def synchronize(device_type):

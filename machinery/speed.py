@@ -116,13 +116,15 @@ SDPA_BACKENDS = {"auto": None, "flash": "flash", "cudnn": "cudnn", "efficient": 
 
 
 def select_sdpa_backend(name, device_type):
-    """Leave only the chosen kernel enabled for F.scaled_dot_product_attention (auto: torch picks per call)."""
+    """Leave only the chosen kernel enabled for F.scaled_dot_product_attention (auto: torch picks per call),
+    and math beside it: the calls a fast kernel refuses (the KV cache's boolean mask at every evaluation's
+    samples, fp32 for flash and cudnn) fall back to it instead of failing with "No available kernel"."""
     if SDPA_BACKENDS[name] is None:
         return
     if device_type != "cuda" and name not in ("flash", "math"):
         raise UserError(f"--sdpa_backend {name} needs a CUDA GPU; on {device_type} use auto, flash or math")
     for backend in ("flash", "mem_efficient", "math", "cudnn"):
-        getattr(torch.backends.cuda, f"enable_{backend}_sdp")(backend == SDPA_BACKENDS[name])
+        getattr(torch.backends.cuda, f"enable_{backend}_sdp")(backend in (SDPA_BACKENDS[name], "math"))
 
 
 # -----------------------------------------------------------------------------
@@ -136,8 +138,14 @@ def micro_batch_candidates(total_batch_size, T, world_size):
 
 
 def out_of_memory(e):
-    """The device refused an allocation: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
-    return isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(e)
+    """The device refused an allocation: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError, raised
+    here or anywhere down the chain of causes (torch.compile wraps one met while compiling in
+    BackendCompilerFailed)."""
+    while e is not None:
+        if isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def largest_micro_batch(model, candidates, T, vocab_size, autocast_ctx, device, reserve_bytes):
@@ -184,6 +192,11 @@ def auto_micro_batch(model, raw_model, candidates, T, autocast_ctx, device, ddp)
         found = torch.tensor(B, device=device)
         dist.all_reduce(found, op=dist.ReduceOp.MIN)
         B = int(found.item())
+    # the probes' graphs go: they saw several batch sizes (so their batch dimension turned dynamic) and no DDP,
+    # whose graph splitting lets the gradient all-reduce overlap the backward; training compiles its own
+    torch._dynamo.reset()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)  # --benchmark's peak memory is training's, not the probes'
     return B
 
 

@@ -10,6 +10,8 @@ import contextlib
 
 from machinery.common import UserError
 from machinery.speed import largest_micro_batch, micro_batch_candidates
+from machinery import runtime
+import train_gpt2
 from train_gpt2 import GPT, GPTConfig, get_lr, parse_args
 
 TINY = GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=16)
@@ -207,3 +209,45 @@ def test_largest_micro_batch_skips_what_the_device_refuses():
     assert all(p.grad is None for p in model.parameters()) and torch.equal(rng, torch.get_rng_state())
     with pytest.raises(UserError, match=f"not even -B {2 ** 35} fits in cpu memory"):
         largest_micro_batch(model, [2 ** 35], 32, 101, contextlib.nullcontext(), "cpu", reserve_bytes=1024)
+
+
+def test_largest_micro_batch_steps_down_from_an_out_of_memory_met_while_compiling():
+    """torch.compile wraps an out-of-memory error raised by its backend (max-autotune's benchmarking) in
+    BackendCompilerFailed: -B auto follows the chain of causes and tries the next size."""
+    calls = []
+
+    def backend(gm, example_inputs):
+        calls.append(len(example_inputs))
+        if len(calls) == 1:  # the largest candidate's compilation
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (raised by the test)")
+        return gm.forward
+
+    torch.manual_seed(0)
+    model = torch.compile(GPT(TINY), backend=backend)
+    B = largest_micro_batch(model, [8, 4], 32, 101, contextlib.nullcontext(), "cpu", reserve_bytes=1024)
+    assert B == 4 and len(calls) >= 2
+
+
+def test_running_out_of_gpu_memory_is_one_line_naming_a_smaller_batch():
+    args = train_gpt2.parse_args([])
+    e = train_gpt2.out_of_memory(args, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.07 GiB. GPU 0 "
+                                                              "has a total capacity of 39.49 GiB"))
+    assert isinstance(e, UserError) and "\n" not in str(e)
+    assert str(e).startswith("out of GPU memory at -B 64 (CUDA out of memory. Tried to allocate 3.07 GiB")
+    assert "pass -B 32 (the same --total_batch_size" in str(e) and "-B auto" in str(e)
+
+
+def test_each_process_gets_its_own_device():
+    """Under torchrun each rank takes its LOCAL_RANK's GPU (an index in --device is refused there); outside it,
+    --device cuda:N is GPU N, checked against the GPUs there are. Also hellaswag.py's ranks, and sample.py's."""
+    assert runtime.process_device("cuda", "cuda", 3, ddp=True) == "cuda:3"
+    assert runtime.process_device(None, "cuda", 5, ddp=True) == "cuda:5"
+    assert runtime.process_device("cpu", "cpu", 1, ddp=True) == "cpu"
+    with pytest.raises(UserError, match="under torchrun each rank uses the GPU of its LOCAL_RANK"):
+        runtime.process_device("cuda:1", "cuda", 0, ddp=True)
+    if torch.cuda.device_count() < 2:
+        with pytest.raises(UserError, match=f"--device cuda:1: this machine has {torch.cuda.device_count()} CUDA"):
+            runtime.process_device("cuda:1", "cuda", 0, ddp=False)
+    else:
+        assert runtime.process_device("cuda:1", "cuda", 0, ddp=False) == "cuda:1"
+    assert not runtime.bf16_supported("cpu")

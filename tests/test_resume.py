@@ -488,3 +488,55 @@ def test_an_unusable_log_dir_is_one_line(small_shards, tmp_path, hellaswag_dir):
         assert "cannot use --log_dir" in msg and "Read-only" in msg
     finally:
         subprocess.run(["umount", "-l", str(read_only)], capture_output=True)
+
+
+def test_another_runs_checkpoint_continues_in_a_new_folder(reference, small_shards, tmp_path):
+    """--resume OTHER/ckpt_N.pt --log_dir NEW: the run goes on from step N in NEW, whose log starts there,
+    and the other run's folder is left as it was."""
+    source = reference[1]
+    before = {name: os.path.getmtime(os.path.join(source, name)) for name in os.listdir(source)}
+    new_dir = str(tmp_path / "continued")
+    stdout = finish(train_args(small_shards, new_dir, extra=["--resume", os.path.join(source, "ckpt_00012.pt")]))
+    assert "resuming at step 12" in stdout
+    want = b"".join(line for line in open(os.path.join(source, "log.txt"), "rb") if int(line.split()[0]) >= 12)
+    assert log_bytes(new_dir) == want
+    assert {name: os.path.getmtime(os.path.join(source, name)) for name in os.listdir(source)} == before
+
+
+def test_a_second_ctrl_c_during_the_save_stops_at_once_and_says_so(reference, small_shards, tmp_path):
+    log_dir = str(tmp_path / "log")
+    args = train_args(small_shards, log_dir, extra=["--save_every", 100])  # the stop's save is the only one
+    proc = start(args)
+    wait_until(proc, logged(log_dir, "4 train"))
+    proc.send_signal(signal.SIGINT)
+    deadline = time.time() + 60
+    while proc.poll() is None and not glob.glob(os.path.join(log_dir, "ckpt_*.pt.tmp")) and time.time() < deadline:
+        time.sleep(0.001)
+    proc.send_signal(signal.SIGINT)  # while the stop's checkpoint is being written (or just after)
+    assert proc.wait(timeout=60) == 128 + signal.SIGINT
+    out = open(proc.out_path).read()
+    assert "before training began" not in out
+    assert "stopped at once by a second Ctrl-C" in out or "rank 0: stopped at step" in out, out[-2000:]
+    assert not glob.glob(os.path.join(log_dir, "*.tmp"))
+    finish(args)
+    assert log_bytes(log_dir) == log_bytes(reference[1])
+
+
+def test_a_run_killed_before_its_first_checkpoint_says_it_starts_over(reference, small_shards, tmp_path):
+    log_dir = str(tmp_path / "log")
+    proc = start(train_args(small_shards, log_dir))
+    wait_until(proc, logged(log_dir, "1 train"))  # the first resume point is at step 3
+    kill9(proc)
+    assert not glob.glob(os.path.join(log_dir, "*.pt"))
+    stdout = finish(train_args(small_shards, log_dir))
+    assert f"no checkpoint in {log_dir} yet: starting at step 0" in stdout
+    assert log_bytes(log_dir) == log_bytes(reference[1])
+
+
+def test_raising_max_steps_on_a_finished_run_says_the_schedule_is_recomputed(reference, small_shards, tmp_path):
+    log_dir = str(tmp_path / "log")
+    shutil.copytree(reference[1], log_dir)
+    stdout = finish(train_args(small_shards, log_dir, extra=["--max_steps", STEPS + 2]))  # the later flag wins
+    assert f"note: --max_steps changed from {STEPS} to {STEPS + 2}" in stdout
+    assert (f"note: the learning-rate schedule is recomputed over {STEPS + 2} steps, so from step 15 on it follows "
+            f"the new curve") in stdout and f"pass --max_steps {STEPS}" in stdout

@@ -7,7 +7,10 @@ import re
 import sys
 
 import pytest
+import torch
 from conftest import REPO, TINY_MODEL, read_log, run, run_script
+
+from machinery import speed
 
 pytestmark = pytest.mark.slow  # real training processes: left out of `pytest -m "not slow"`
 
@@ -113,3 +116,17 @@ def test_ladder_runs_every_rung():
         assert row.endswith("| skipped: CUDA only"), row
     assert re.search(r"^'\+ chunked cross-entropy' against build-nanogpt's configuration \('\+ fused AdamW'\): "
                      r"[\d.]+x$", proc.stdout, flags=re.M)
+
+
+@pytest.mark.parametrize("name, kept", [("flash", {"flash", "math"}), ("math", {"math"})])
+def test_a_chosen_sdpa_kernel_keeps_math_for_the_calls_it_refuses(name, kept):
+    """--sdpa_backend flash (or cudnn) alone would leave the KV cache's masked calls and fp32 without a kernel
+    ("No available kernel" at the first evaluation's samples): math stays enabled beside it."""
+    kinds = ("flash", "mem_efficient", "math", "cudnn")
+    before = {k: getattr(torch.backends.cuda, f"{k}_sdp_enabled")() for k in kinds}
+    try:
+        speed.select_sdpa_backend(name, "cpu")
+        assert {k for k in kinds if getattr(torch.backends.cuda, f"{k}_sdp_enabled")()} == kept
+    finally:
+        for k, on in before.items():
+            getattr(torch.backends.cuda, f"enable_{k}_sdp")(on)

@@ -159,6 +159,9 @@ def test_bad_inputs_give_one_line_errors(tmp_path, shakespeare_shards, capsys):
     assert "--total_batch_size 100 is not a multiple of B*T*processes = 2*32*1 = 64" in msg
     assert "sees no CUDA GPU" in run_main(*base, "--device", "cuda")
     assert "is not one of cuda, mps, cpu" in run_main(*base, "--device", "tpu")
+    graphs = run_main(*base, "--compile", "--compile_mode", "reduce-overhead", "--total_batch_size", 128)
+    assert "--compile_mode reduce-overhead captures CUDA graphs" in graphs and "-B 2 needs 2 of them" in graphs
+    assert "max-autotune-no-cudagraphs" in graphs and not (tmp_path / "log").exists()
     run_main(*base, "-T", 128)  # argparse: usage and the reason on stderr
     assert "-T/--seq_len 128 is longer than --block_size 64" in capsys.readouterr().err
     run_main(*base, "--warmup_steps", 5)
@@ -224,8 +227,10 @@ def test_missing_hellaswag_offline_and_corrupt_shard_in_a_real_process(tmp_path,
     ("hellaswag", ["--split", "test"], "invalid choice: 'test'"),
     ("sample", ["--num_samples", "0"], "must be positive"),
     ("export", [], "the following arguments are required"),
+    ("plot_log", ["a", "b"], "unrecognized arguments: b"),
 ])
 def test_flag_errors_are_one_line_pointing_at_help(script, argv, needle, capsys):
+    """(plot_log.py used to take --help, or anything, as the name of a folder.)"""
     module = __import__(script)
     with pytest.raises(SystemExit) as e:
         module.main(argv)
@@ -234,7 +239,7 @@ def test_flag_errors_are_one_line_pointing_at_help(script, argv, needle, capsys)
     assert err.count("\n") == 1 and needle in err and err.endswith("(see --help)\n"), err
 
 
-@pytest.mark.parametrize("script", ["train_gpt2", "fineweb", "hellaswag", "sample", "export"])
+@pytest.mark.parametrize("script", ["train_gpt2", "fineweb", "hellaswag", "sample", "export", "plot_log", "app"])
 def test_help_shows_one_default_per_flag(script, capsys):
     with pytest.raises(SystemExit):
         __import__(script).main(["--help"])
@@ -252,7 +257,8 @@ def test_first_try_preset_reports_eta_and_summary_then_a_rerun_is_complete(shake
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "model: " in proc.stdout and "total batch 2,048 tokens = 16 x 128" in proc.stdout  # the preset's sizes
     step_lines = [line for line in proc.stdout.splitlines() if line.startswith("step ")]
-    assert len(step_lines) == 4 and all(re.search(r"\| elapsed \d+s \| eta \d+s$", line) for line in step_lines)
+    assert len(step_lines) == 4 and all(re.search(r"\| elapsed \d+s \| eta \d+s$", line) for line in step_lines[1:])
+    assert step_lines[0].endswith(" | eta -")  # the first step compiles and warms up: no estimate from it
     samples = [line for line in proc.stdout.splitlines() if line.startswith("sample ")]
     assert len(samples) == 4 and all("Hello, I'm a language model," in s for s in samples)
     # a sample's newlines are escaped: every line of the output is one of the run's own kinds of line
@@ -261,8 +267,10 @@ def test_first_try_preset_reports_eta_and_summary_then_a_rerun_is_complete(shake
     assert all(line.startswith(kinds) for line in proc.stdout.splitlines()), proc.stdout
     summary = proc.stdout.strip().splitlines()[-1]
     log = read_log(tmp_path / "log" / "log.txt")
-    assert summary.startswith("done: 4 steps (8,192 tokens in all) in ") and f"val loss {log['val'][3]:.4f}" in summary
-    assert f"HellaSwag {log['hella'][3]:.4f}" in summary and str(tmp_path / "log" / "model_00003.pt") in summary
+    assert summary.startswith("done: 4 steps (8,192 tokens), 4 of them in this process, in ")
+    assert f"model {tmp_path / 'log' / 'model_00003.pt'}: after 3 updates (6,144 tokens)" in summary
+    assert f"val loss {log['val'][3]:.4f} | HellaSwag {log['hella'][3]:.4f}" in summary
+    assert torch.load(tmp_path / "log" / "model_00003.pt", weights_only=True)["step"] == 3  # what it records
     before = open(tmp_path / "log" / "log.txt").read()
     again = run_script("train_gpt2.py", *args)
     assert again.returncode == 0 and "holds a complete run" in again.stdout and "nothing to do" in again.stdout
@@ -343,4 +351,29 @@ def test_wandb_missing_is_one_line_naming_the_install(shakespeare_shards, tmp_pa
             f"train_gpt2.main({flags})")
     proc = run([sys.executable, "-c", code], cwd=REPO)
     assert_one_line_error(proc, "--wandb needs Weights & Biases", "pip install wandb")
+    assert not os.path.exists(tmp_path / "log")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+@pytest.mark.parametrize("script, argv", [("sample.py", ["-m", "gpt2"]), ("hellaswag.py", ["-m", "gpt2"]),
+                                          ("app.py", ["-m", "gpt2"]), ("train_gpt2.py", ["--first_try"])])
+def test_device_cuda_without_cuda_is_one_line(script, argv):
+    proc = run_script(script, "--device", "cuda", *argv)
+    assert_one_line_error(proc, "--device cuda was asked for but torch sees no CUDA GPU")
+
+
+def test_an_offline_first_try_names_every_missing_download_in_one_message(tmp_path, shakespeare_shards):
+    """No network (every request sent to a dead local proxy) and empty caches: each step of the first try says
+    at once all it lacks, with where each comes from and where it goes."""
+    offline = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9",
+               "TIKTOKEN_CACHE_DIR": str(tmp_path / "tiktoken"), "HELLASWAG_CACHE_DIR": str(tmp_path / "hs")}
+    os.makedirs(tmp_path / "tiktoken")
+    data = run_script("fineweb.py", "--dataset", "shakespeare", "--out_dir", tmp_path / "ts", env=offline)
+    last = assert_one_line_error(data, "could not load the GPT-2 tokenizer", "TIKTOKEN_CACHE_DIR",
+                                 "could not download https://", "input.txt")
+    assert "openaipublic" in last and not os.path.exists(tmp_path / "ts")
+    train = run_script("train_gpt2.py", "--first_try", "--data_dir", shakespeare_shards, "--log_dir",
+                       tmp_path / "log", env=offline)
+    assert_one_line_error(train, "could not load the GPT-2 tokenizer", "--no-sample --no-hellaswag",
+                                 "hellaswag_val.jsonl", "HELLASWAG_CACHE_DIR", "--no-hellaswag")
     assert not os.path.exists(tmp_path / "log")
