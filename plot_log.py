@@ -37,8 +37,19 @@ def read_log(path):
     return streams
 
 
+FINEWEB_EDU_PREFIXES = ("edufineweb_", "finewebedu_", "edu_fineweb_")  # fineweb.py's, and the downloads' shards
+
+
+def on_fineweb_edu(ckpt):
+    """Whether the run's val shard is FineWeb-Edu's (by its file name), where GPT-2's val loss was measured;
+    None when the checkpoint does not say (older ones record no shard names)."""
+    names = list(ckpt.get("data_identity", {}).get("val", {}))
+    return names[0].startswith(FINEWEB_EDU_PREFIXES) if names else None
+
+
 def describe_run(log_dir):
-    """(label of the run, HellaSwag examples per point or None), from the newest checkpoint in log_dir."""
+    """(label of the run, HellaSwag examples per point or None, whether its val shard is FineWeb-Edu's or
+    None), from the newest readable checkpoint in log_dir."""
     for _, path in checkpoints.list_checkpoints(log_dir):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -49,8 +60,9 @@ def describe_run(log_dir):
         label = f"{size / 1e6:.0f}M" if size >= 1e6 else f"{size / 1e3:.0f}K"
         args = ckpt.get("args", {})
         hella = (args.get("hellaswag_limit") or HELLASWAG_VAL_EXAMPLES) if args.get("hellaswag", True) else None
-        return f"this run ({label} parameters)", min(hella, HELLASWAG_VAL_EXAMPLES) if hella else None
-    return "this run", None
+        return f"this run ({label} parameters)", min(hella, HELLASWAG_VAL_EXAMPLES) if hella else None, \
+            on_fineweb_edu(ckpt)
+    return "this run", None, None
 
 
 def plot(log_dir, out=None):
@@ -65,7 +77,7 @@ def plot(log_dir, out=None):
         raise FileNotFoundError(f"no log at {log_path}: train first (python train_gpt2.py --first_try), "
                                 "or point at a run's folder")
     streams = read_log(log_path)
-    label, examples = describe_run(log_dir)
+    label, examples, fineweb_edu = describe_run(log_dir)
 
     def xy(kind):
         points = sorted(streams.get(kind, {}).items())
@@ -74,12 +86,19 @@ def plot(log_dir, out=None):
     fig, (ax_loss, ax_hella) = plt.subplots(1, 2, figsize=(16, 6))
     ax_loss.plot(*xy("train"), label=f"{label}: train loss", alpha=0.7)
     ax_loss.plot(*xy("val"), label=f"{label}: val loss")
-    ax_loss.axhline(GPT2_VAL_LOSS, color="r", linestyle="--", label="OpenAI GPT-2 124M: val loss")
+    # GPT-2's val loss was measured on FineWeb-Edu's val shard: on other data the line compares nothing
+    other_data = "" if fineweb_edu is not False else " (FineWeb-Edu; this run's val data is other text)"
+    ax_loss.axhline(GPT2_VAL_LOSS, color="r", linestyle="--", label=f"OpenAI GPT-2 124M: val loss{other_data}")
     ax_loss.set(xlabel="step", ylabel="loss", title="Loss")
     ax_loss.legend()
 
     n = f", {examples:,} examples per point" if examples else ""
-    ax_hella.plot(*xy("hella"), marker="o", label=f"{label}{n}")
+    steps, accs = xy("hella")
+    if examples:  # the sampling error of an accuracy over that many examples: +-2 standard errors
+        errors = [2 * (a * (1 - a) / examples) ** 0.5 for a in accs]
+        ax_hella.errorbar(steps, accs, yerr=errors, marker="o", capsize=3, label=f"{label}{n}, +-2 s.e.")
+    else:
+        ax_hella.plot(steps, accs, marker="o", label=f"{label}{n}")
     ax_hella.axhline(GPT2_HELLASWAG, color="r", linestyle="--", label="OpenAI GPT-2 124M (10,042 examples)")
     ax_hella.axhline(GPT3_SMALL_HELLASWAG, color="g", linestyle="--", label="OpenAI GPT-3 Small, 125M (paper)")
     ax_hella.axhline(CHANCE, color="gray", linestyle=":", label="chance (1 in 4)")

@@ -584,8 +584,9 @@ def stop_run(run, step, saved, stop_signals):
     if compute.ddp:
         dist.barrier()
     signum = stop_signals[0] if stop_signals else signal.SIGTERM
+    # the line and its newline in one write: every rank prints this at the same moment, often to one file
     print(f"rank {compute.rank}: stopped at step {step} on {signal.Signals(signum).name}"
-          + (f", saved {saved}" if saved else "") + "; run the same command again to resume", flush=True)
+          + (f", saved {saved}" if saved else "") + "; run the same command again to resume\n", end="", flush=True)
     if compute.ddp:
         dist.destroy_process_group()
     return 128 + signum

@@ -60,7 +60,7 @@ def exit_when_another_rank_fails(what):
         except Exception:  # no store to watch (not started by torchrun), or it is gone: torchrun ends the ranks
             store = None  # closed here, not during the interpreter's shutdown
             return
-        print(f"{what}: stopping, another rank failed: {message}", file=sys.stderr, flush=True)
+        print(f"{what}: stopping, another rank failed: {message}\n", end="", file=sys.stderr, flush=True)  # one write
         try:
             store.add(RANK_ACK_KEY, 1)  # said: the failed rank may exit now
         except Exception:

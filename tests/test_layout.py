@@ -89,6 +89,7 @@ def test_imports_inside_functions_say_why():
     assert not unexplained, unexplained
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, beside", [("fineweb.py", ["machinery"]),
                                             ("hellaswag.py", ["machinery", "variants.py"])])
 def test_fineweb_and_hellaswag_run_with_what_the_readme_says_beside_them(tmp_path, script, beside):

@@ -13,6 +13,8 @@ import pytest
 from conftest import REPO, TINY_MODEL, assert_one_line_error, run, run_script
 from hub_server import HubServer, write_bin_shard
 
+pytestmark = pytest.mark.slow  # real servers and processes: left out of `pytest -m "not slow"`
+
 REPO_ID = "someone/tiny-gpt2-shards"
 TOKENS = 40_000  # per shard: 80 KB, enough for a few training steps of a tiny model
 
@@ -52,7 +54,6 @@ def hub(tmp_path):
         yield server
 
 
-@pytest.mark.slow
 def test_download_is_byte_identical_and_trains(hub, tmp_path):
     served = serve_shards(hub.root, 3)
     out = tmp_path / "shards"
@@ -98,7 +99,6 @@ def test_preset_names_map_to_the_datasets_they_name(tmp_path):
             ["finewebedu_train_000001.bin", "finewebedu_val_000000.bin"]
 
 
-@pytest.mark.slow
 def test_kill9_mid_download_then_rerun_completes_and_nothing_partial_was_visible(hub, tmp_path):
     served = serve_shards(hub.root, 3)
     hub.bytes_per_second = 100_000  # ~1 s a shard: time to kill it in the middle
@@ -152,7 +152,6 @@ def test_an_unknown_dataset_or_file_is_one_line(hub, tmp_path):
     assert_one_line_error(fetch(hub, tmp_path / "c", "--num_shards", 5), "--num_shards 5", "holds 1 train shards")
 
 
-@pytest.mark.slow
 def test_a_server_error_then_no_server_are_one_line_each_and_bounded(hub, tmp_path):
     serve_shards(hub.root, 1)
     hub.status = 500
@@ -172,7 +171,7 @@ def test_a_server_error_then_no_server_are_one_line_each_and_bounded(hub, tmp_pa
     assert_one_line_error(offline, "HF_HUB_OFFLINE")
 
 
-def test_more_shards_later_fetches_only_the_new_ones(hub, tmp_path):
+def test_more_shards_later_fetches_only_the_new_ones(hub, tmp_path, shakespeare_path):
     served = serve_shards(hub.root, 3)
     out = tmp_path / "shards"
     assert fetch(hub, out, "--num_shards", 1).returncode == 0
@@ -193,7 +192,7 @@ def test_more_shards_later_fetches_only_the_new_ones(hub, tmp_path):
     os.makedirs(mixed)
     np.save(mixed / "edufineweb_val_000000.npy", np.zeros(10, dtype=np.uint16))
     assert_one_line_error(fetch(hub, mixed), "edufineweb_val_000000.npy", "never mixed")
-    tokenize = run_script("fineweb.py", "--dataset", "shakespeare", "--out_dir", out)
+    tokenize = run_script("fineweb.py", "--dataset", shakespeare_path, "--out_dir", out)
     assert_one_line_error(tokenize, "downloaded", "--out_dir")
 
 
@@ -206,7 +205,6 @@ def test_too_little_disk_is_one_line_and_writes_nothing(hub, tmp_path, small_dis
     assert not [r for r in hub.requests if "/resolve/" in r[1]]
 
 
-@pytest.mark.slow
 def test_ctrl_c_stops_with_one_line_and_the_rerun_resumes(hub, tmp_path):
     served = serve_shards(hub.root, 2)
     hub.bytes_per_second = 50_000
