@@ -35,6 +35,11 @@ def test_benchmark_mode_summarises_and_writes_nothing(tmp_path):
     assert re.search(r"benchmark: median [\d.]+ ms/step over 5 steps after 1 warm-up \| [\d,]+ tok/s \| MFU",
                      proc.stdout)
     assert len(losses(proc.stdout)) == 6
+    # random tokens come from the run's own vocabulary: a 64-token model trains (it indexed past its embedding)
+    small = run_script("train_gpt2.py", "--benchmark", "--vocab_size", 64, "--n_layer", 1, "--n_head", 2,
+                       "--n_embd", 16, "--block_size", 16, "-B", 2, "-T", 16, "--total_batch_size", 32,
+                       "--max_steps", 3, "--warmup_steps", 1, cwd=tmp_path)
+    assert small.returncode == 0 and len(losses(small.stdout)) == 3, small.stderr[-2000:]
 
 
 def same_math_run(data_dir, log_dir, *variant):
