@@ -27,7 +27,6 @@ from concurrent.futures.process import BrokenProcessPool
 
 import datasets
 import numpy as np
-import tiktoken
 from tqdm import tqdm
 
 from machinery import common, pretokenized
@@ -49,8 +48,9 @@ _lock_fd = None  # the out_dir lock's descriptor in the main process, which fork
 
 
 def init_worker():
+    """This process's tokenizer; a UserError when tiktoken cannot load it (offline, no cache)."""
     global _enc
-    _enc = tiktoken.get_encoding("gpt2")
+    _enc = common.get_encoder()
 
 
 def init_pool_worker():
@@ -430,8 +430,7 @@ def main(argv=None):
         return main_download(args, t0)
     missing = []  # what the run must download first, all of it named in one message when offline
     try:
-        common.get_encoder()  # here, once: the tokenizer processes load it again
-        init_worker()
+        init_worker()  # here, once, before any work: the tokenizer processes load it again
     except UserError as e:
         missing.append(str(e))
     if args.dataset == "shakespeare":

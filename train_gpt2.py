@@ -838,7 +838,7 @@ def setup_run(args, compute, inputs, was_ours):
     hidden = torch.compile(raw_model.hidden_states, dynamic=True) if compute.use_compile else raw_model.hidden_states
     run = Run(args, compute, raw_model, model, optimizer, train_batches, val_batches,
               hellaswag.Model(hidden, raw_model.lm_head, config.block_size), inputs.enc,
-              grad_accum_steps=args.total_batch_size // (args.batch_size * args.seq_len * compute.world_size),
+              grad_accum_steps=accumulation_steps(args, compute, args.batch_size),
               start_step=start_step, checkpointer=checkpointer, log_file=log_file, val_loss=val_loss,
               flops_per_token=raw_model.flops_per_token(args.seq_len),
               peak_flops=speed.device_peak_flops(compute.device_type, args.peak_tflops))
@@ -852,11 +852,16 @@ def setup_run(args, compute, inputs, was_ours):
     return run
 
 
+def accumulation_steps(args, compute, B):
+    """Micro-steps per optimizer step: the total batch over what all processes take in one micro-step."""
+    return args.total_batch_size // (B * args.seq_len * compute.world_size)
+
+
 def check_cuda_graphs(args, compute, B):
     """--compile_mode reduce-overhead and max-autotune capture CUDA graphs, which overwrite the .grad tensors
     they allocated during capture: gradients accumulated over several micro-steps would be lost (torch's
     _inductor/cudagraph_trees.py). Refused unless each step is one micro-step."""
-    accum = args.total_batch_size // (B * args.seq_len * compute.world_size)
+    accum = accumulation_steps(args, compute, B)
     if compute.use_compile and args.compile_mode in ("reduce-overhead", "max-autotune") and accum > 1:
         raise UserError(f"--compile_mode {args.compile_mode} captures CUDA graphs, which lose gradients accumulated "
                         f"over micro-steps, and -B {B} needs {accum} of them per step; use --compile_mode "
@@ -1159,7 +1164,7 @@ def parse_args(argv=None):
     return args
 
 
-def out_of_memory(args, e):
+def out_of_memory_error(args, e):
     """The one-line error for a GPU out of memory mid-run (-B 64, the default, does not fit a 40 GB card)."""
     B = args.batch_size
     if B == "auto":
@@ -1175,7 +1180,7 @@ def main(argv=None):
         try:
             code = train(args)
         except torch.OutOfMemoryError as e:
-            raise out_of_memory(args, e) from None
+            raise out_of_memory_error(args, e) from None
     except UserError as e:
         if dist.is_initialized():
             runtime.tell_other_ranks(str(e))

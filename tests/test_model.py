@@ -230,8 +230,9 @@ def test_largest_micro_batch_steps_down_from_an_out_of_memory_met_while_compilin
 
 def test_running_out_of_gpu_memory_is_one_line_naming_a_smaller_batch():
     args = train_gpt2.parse_args([])
-    e = train_gpt2.out_of_memory(args, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.07 GiB. GPU 0 "
-                                                              "has a total capacity of 39.49 GiB"))
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.07 GiB. GPU 0 has a total capacity of "
+                                 "39.49 GiB")
+    e = train_gpt2.out_of_memory_error(args, oom)
     assert isinstance(e, UserError) and "\n" not in str(e)
     assert str(e).startswith("out of GPU memory at -B 64 (CUDA out of memory. Tried to allocate 3.07 GiB")
     assert "pass -B 32 (the same --total_batch_size" in str(e) and "-B auto" in str(e)
