@@ -13,6 +13,7 @@ next to this file).
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import sys
@@ -33,6 +34,11 @@ URLS = {
 }
 
 
+# HellaSwag's own val file (rowanz/hellaswag data/hellaswag_val.jsonl): its size and sha256, which tell it from a
+# stand-in (a cleaned copy, a subset) on which accuracies do not compare with published ones
+REAL_VAL_FILE = (12246618, "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588")
+
+
 def default_cache_dir():
     return os.environ.get("HELLASWAG_CACHE_DIR") or os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                                  "hellaswag")
@@ -51,6 +57,23 @@ def download(split, cache_dir=None):
             raise common.UserError(f"{e} (or set HELLASWAG_CACHE_DIR to a folder holding hellaswag_{split}.jsonl)") \
                 from None
     return path
+
+
+def not_the_real_val_set(cache_dir=None):
+    """A note when the cache's val file is not HellaSwag's own (its size or sha256 differs); None when it is,
+    or when there is none yet."""
+    path = os.path.join(cache_dir or default_cache_dir(), "hellaswag_val.jsonl")
+    if not os.path.exists(path):
+        return None
+    if os.path.getsize(path) == REAL_VAL_FILE[0]:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() == REAL_VAL_FILE[1]:
+            return None
+    return f"{path} is not HellaSwag's own val file (its size or sha256 differs): accuracies on it do not compare " \
+           "with published ones"
 
 
 def iterate_examples(split, cache_dir=None):
@@ -259,6 +282,8 @@ def main(argv=None):
     if rank == 0:
         print(f"{args.model}: {total} examples | acc {correct / total:.4f} | acc_norm {correct_norm / total:.4f} "
               f"| {time.time() - t0:.1f} s")
+        if args.split == "val" and (note := not_the_real_val_set(args.cache_dir)):
+            print(f"note: {note}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import sys
 
 import torch
 
+import hellaswag
 from machinery import checkpoints, common
 
 # reference points (sources in the README): GPT-2 124M's val loss on FineWeb-Edu and its HellaSwag
@@ -93,6 +94,9 @@ def plot(log_dir, out=None):
     ax_loss.legend()
 
     n = f", {examples:,} examples per point" if examples else ""
+    # the val file this machine holds now (a run records no digest of the one it scored)
+    if hellaswag.not_the_real_val_set():
+        n += " (a stand-in val file, not comparable to GPT-2's)"
     steps, accs = xy("hella")
     if examples:  # the sampling error of an accuracy over that many examples: +-2 standard errors
         errors = [2 * (a * (1 - a) / examples) ** 0.5 for a in accs]

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
 import variants
-from machinery import checkpoints, common, hf_convert, runtime, speed
+from machinery import checkpoints, common, hf_convert, preflight, runtime, speed
 from machinery.common import UserError
 
 # -----------------------------------------------------------------------------
@@ -491,7 +491,7 @@ def train(args):
 
 def train_loop(run, stop_signals):
     """The loop; returns the exit code. A signal appended to stop_signals ends it at the next step, saved."""
-    args, compute, model, optimizer = run.args, run.compute, run.model, run.optimizer
+    args = run.args
     run.started = time.time()
     stop = timed = False  # a stop signal, a timed save: asked for during the step before, agreed by all ranks
     for step in range(run.start_step, args.max_steps):
@@ -505,41 +505,51 @@ def train_loop(run, stop_signals):
         if stop:
             return stop_run(run, step, saved, stop_signals)
 
-        # --------------- TRAINING SECTION BEGIN ---------------
-        t0 = time.time()
-        # the gradient of the whole batch, summed over grad_accum_steps micro-batches
-        optimizer.zero_grad(set_to_none=True)
-        loss_accum = torch.zeros((), device=compute.device)
-        for micro_step in range(run.grad_accum_steps):
-            x, y = run.train_batches.next_batch()
-            # DDP all-reduces gradients only on the last micro-step; the others just accumulate locally
-            sync = not compute.ddp or micro_step == run.grad_accum_steps - 1
-            with contextlib.nullcontext() if sync else model.no_sync():
-                with compute.autocast_ctx:
-                    _, loss = model(x, y)
-                # mean over the whole batch, not over each micro-batch: scale before summing gradients
-                loss = loss / run.grad_accum_steps
-                loss_accum += loss.detach()
-                loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), args.grad_clip)
-        lr = get_lr(step, args)
-        for param_group in optimizer.param_groups:
-            # one learning rate for every group (GPT-2's AdamW); with Muon each group has its share of it
-            param_group["lr"] = lr * param_group.get("lr_scale", 1.0)
-            if "momentum" in param_group:  # Muon's momentum warmup
-                param_group["momentum"] = variants.muon_momentum(step)
-        optimizer.step()
-        # stop and save requests made during the step travel with its loss: the step's one host sync
-        stop = len(stop_signals) > 0
-        timed = run.checkpointer.timed_save_due()
-        loss, stop, timed = share_step_results(compute, loss_accum, stop, timed)
-        runtime.synchronize(compute.device_type)
-        dt = time.time() - t0
-        # --------------- TRAINING SECTION END -----------------
+        # --- one optimizer step (train_step holds the TRAINING SECTION)
+        loss, lr, norm, dt, stop, timed = train_step(run, step, stop_signals)
         norm = norm.item()  # computed already: a read, not a wait
         check_finite(run, step, loss, norm)
         report_step(run, step, loss, lr, norm, dt)
     return finish_run(run)
+
+
+def train_step(run, step, stop_signals):
+    """One optimizer step: the whole batch's gradient over grad_accum_steps micro-batches, clipped, then the
+    update at this step's learning rate. Returns (loss, lr, norm, dt, stop, timed): the mean loss over all
+    ranks, and whether any rank asked to stop or a timed save is due (see share_step_results)."""
+    args, compute, model, optimizer = run.args, run.compute, run.model, run.optimizer
+    # --------------- TRAINING SECTION BEGIN ---------------
+    t0 = time.time()
+    # the gradient of the whole batch, summed over grad_accum_steps micro-batches
+    optimizer.zero_grad(set_to_none=True)
+    loss_accum = torch.zeros((), device=compute.device)
+    for micro_step in range(run.grad_accum_steps):
+        x, y = run.train_batches.next_batch()
+        # DDP all-reduces gradients only on the last micro-step; the others just accumulate locally
+        sync = not compute.ddp or micro_step == run.grad_accum_steps - 1
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with compute.autocast_ctx:
+                _, loss = model(x, y)
+            # mean over the whole batch, not over each micro-batch: scale before summing gradients
+            loss = loss / run.grad_accum_steps
+            loss_accum += loss.detach()
+            loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), args.grad_clip)
+    lr = get_lr(step, args)
+    for param_group in optimizer.param_groups:
+        # one learning rate for every group (GPT-2's AdamW); with Muon each group has its share of it
+        param_group["lr"] = lr * param_group.get("lr_scale", 1.0)
+        if "momentum" in param_group:  # Muon's momentum warmup
+            param_group["momentum"] = variants.muon_momentum(step)
+    optimizer.step()
+    # stop and save requests made during the step travel with its loss: the step's one host sync
+    stop = len(stop_signals) > 0
+    timed = run.checkpointer.timed_save_due()
+    loss, stop, timed = share_step_results(compute, loss_accum, stop, timed)
+    runtime.synchronize(compute.device_type)
+    dt = time.time() - t0
+    # --------------- TRAINING SECTION END -----------------
+    return loss, lr, norm, dt, stop, timed
 
 
 def evaluate(run, step):
@@ -924,8 +934,9 @@ def init_distributed(compute, start_step):
     """The process group (NCCL between GPUs, gloo on CPU); every rank must resume from the same step."""
     if not compute.ddp:
         return
-    dist.init_process_group(backend="nccl" if compute.device_type == "cuda" else "gloo")
-    runtime.exit_when_another_rank_fails(f"rank {compute.rank}")  # a rank failing alone must not leave the rest waiting
+    if not dist.is_initialized():  # (the preflight starts it earlier, and sets up a second run in one process)
+        dist.init_process_group(backend="nccl" if compute.device_type == "cuda" else "gloo")
+        runtime.exit_when_another_rank_fails(f"rank {compute.rank}")  # a rank failing alone must not hang the rest
     steps = torch.tensor([start_step, -start_step], dtype=torch.float32, device=compute.device)
     dist.all_reduce(steps, op=dist.ReduceOp.MAX)
     if steps[0].item() != -steps[1].item():
@@ -974,6 +985,10 @@ def describe_run(run, resumed_from, notes):
         compute.print0(f"note: skipping {path}: shorter than one batch of {B}x{T}x{W}+1 tokens")
     if run.peak_flops is None:
         compute.print0("MFU not shown: peak FLOP/s of this device unknown (pass --peak_tflops)")
+    else:
+        compute.print0(f"MFU against {speed.peak_flops_source(compute.device_type, args.peak_tflops)}")
+    if args.hellaswag and (note := hellaswag.not_the_real_val_set()):
+        compute.print0(f"note: {note}")
     if resumed_from:
         compute.print0(f"resuming at step {run.start_step} from {resumed_from}")
     for note in notes:
@@ -1114,6 +1129,10 @@ def add_system_flags(p):
                    help="measure speed: --synthetic data, no evaluation, log or checkpoints; --max_steps steps, "
                         "then one summary line (median ms/step after warm-up, tok/s, MFU, peak memory)")
     g.add_argument("--seed", type=int, default=1337, help="model init and --shuffle")
+    g.add_argument("--preflight", action="store_true",
+                   help="prove this run in a minute: every phase once (steps, evaluation, a save and resume, the "
+                        "ranks' link) in a temporary folder, nothing written to --log_dir; then its speed, memory, "
+                        "and projected time and disk; exit 0 if all passed")
 
 
 def parse_args(argv=None):
@@ -1159,6 +1178,8 @@ def parse_args(argv=None):
         p.error("--hellaswag_batch_tokens must be >= 0")
     if args.save_every < 0 or args.save_every_minutes < 0 or args.keep_last < 1:
         p.error("--save_every and --save_every_minutes must be >= 0, --keep_last >= 1")
+    if args.preflight and args.benchmark:
+        p.error("--preflight measures speed too, and runs every phase; drop --benchmark")
     if args.benchmark:  # speed only: nothing read from or written to disk, nothing but training steps
         args.synthetic, args.hellaswag, args.sample, args.resume = True, False, False, "none"
     return args
@@ -1166,6 +1187,7 @@ def parse_args(argv=None):
 
 def out_of_memory_error(args, e):
     """The one-line error for a GPU out of memory mid-run (-B 64, the default, does not fit a 40 GB card)."""
+    e = speed.out_of_memory(e) or e  # the error itself, not the compiler's wrapper around it
     B = args.batch_size
     if B == "auto":
         return UserError(f"out of GPU memory ({common.first_line(e)[:120]}); use a smaller model or -T")
@@ -1178,8 +1200,11 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         try:
-            code = train(args)
-        except torch.OutOfMemoryError as e:
+            # the preflight drives this module's own phases (passed in: machinery does not import the recipe)
+            code = preflight.run(args, sys.modules[__name__]) if args.preflight else train(args)
+        except Exception as e:  # out of memory: here, or inside a compilation that wraps it
+            if isinstance(e, UserError) or not speed.out_of_memory(e):
+                raise
             raise out_of_memory_error(args, e) from None
     except UserError as e:
         if dist.is_initialized():

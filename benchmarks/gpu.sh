@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Everything the CUDA path needs proven and measured, in stages that each fit in a 10-minute command.
+# Everything the CUDA path needs proven and measured, in stages that each fit in a 10-minute command, the most
+# valuable first: with only a few minutes on a GPU, run `first`.
 #
 #   bash benchmarks/gpu.sh prepare     # HERE, with ../shared beside the repo: fills .gpu/ (git-ignored):
 #                                      # tokenizer cache, HellaSwag val, build-nanogpt and its side-by-side
-#   bash benchmarks/gpu.sh tests       # THERE (the GPU machine, .gpu/ carried along): the CUDA test group
+#   bash benchmarks/gpu.sh first       # THERE (the GPU machine, .gpu/ carried along): preflight, then tests
+#   bash benchmarks/gpu.sh preflight   # --preflight of the default 124M recipe (on the novels' shards)
+#   bash benchmarks/gpu.sh tests       # the CUDA test group
 #   bash benchmarks/gpu.sh speed       # --benchmark of the default 124M recipe, -B auto, chunked CE, cuDNN
 #                                      # attention, compile modes, then the speed ladder
 #   bash benchmarks/gpu.sh eval        # HellaSwag: all 10,042 val examples, 124M, bf16, compiled
@@ -15,7 +18,7 @@
 # The GPU machine has no network and no `datasets`: everything it reads comes from .gpu/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?usage: bash benchmarks/gpu.sh prepare|tests|speed|eval|side|recipes}
+STAGE=${1:?usage: bash benchmarks/gpu.sh prepare|first|preflight|tests|speed|eval|side|recipes}
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
 export GPT2_SHARED_DATA=$PWD/.gpu/data TIKTOKEN_CACHE_DIR=$PWD/.gpu/data/tiktoken_cache
@@ -38,6 +41,7 @@ prepare() {
     mkdir -p .gpu/novels
     cp "$tmp"/*_val_*.npy $(ls "$tmp"/*_train_*.npy | head -8) .gpu/novels/
     rm -rf "$tmp"
+    git rev-parse --short HEAD > .gpu/commit  # the GPU machine gets a working tree without .git
     du -sh .gpu  # it travels with `carry: [".gpu"]`, within the 64 MiB the working tree may take
 }
 
@@ -48,13 +52,29 @@ bench() {  # bench NAME FLAGS...: one --benchmark run of GPT-2 124M, B=64, T=102
     note "$name: ${line:-FAILED (see speed.log)}"
 }
 
+machine() {
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$OUT/summary.txt"
+    $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/summary.txt"
+    note "commit $(cat .gpu/commit 2>/dev/null || echo unknown) (when prepare ran)"
+}
+
+preflight() {  # the default recipe's every phase on this GPU, and its projected time: under 4 minutes
+    timeout "${1:-300}" $PY train_gpt2.py --preflight --data_dir .gpu/novels --log_dir "$OUT/preflight_log" 2>&1 \
+        | tee "$OUT/preflight.log" | grep -E '^preflight|error' | tail -20
+    note "preflight: $(grep -E '^preflight (passed|failed)|error:' "$OUT/preflight.log" | tail -1)"
+    grep -E '^preflight: (speed|peak|the run)' "$OUT/preflight.log" >> "$OUT/summary.txt"
+}
+
+tests() {
+    timeout "${1:-540}" $PY -m pytest -q -rs -m cuda tests/test_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -3
+    note "cuda tests: $(tail -1 "$OUT/tests.log")"
+}
+
 case "$STAGE" in
     prepare) prepare ;;
-    tests)
-        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | tee -a "$OUT/summary.txt"
-        $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/summary.txt"
-        $PY -m pytest -q -rs -m cuda tests/test_cuda.py 2>&1 | tee "$OUT/tests.log" | tail -3
-        note "cuda tests: $(tail -1 "$OUT/tests.log")" ;;
+    first) machine; preflight 240; tests 330 ;;
+    preflight) machine; preflight ;;
+    tests) machine; tests ;;
     speed)
         : > "$OUT/speed.log"
         bench "default (B=64)"

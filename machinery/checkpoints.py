@@ -27,7 +27,9 @@ from machinery.common import (UserError, atomic_write, file_fingerprint, first_l
 CHECKPOINT_RE = re.compile(r"^(model|ckpt)_(\d+)\.pt$")
 LOCK_NAME = "train_gpt2.lock"  # held by the run that owns the folder; also marks it as one this script ran in
 OWN_TEMP_RE = re.compile(r"^((model|ckpt)_\d+\.pt|log\.txt)\.tmp$")  # the temporary names this script writes
-LOG_LINE_RE = re.compile(r"^(\d+) (train|val|hella) \S+\n$")  # a whole log.txt line, newline included
+# a whole log.txt line, newline included: anything else (a line torn by a crash or a full disk, zeros a crash left
+# in an unwritten page) is never kept on resume, whatever its first characters are
+LOG_LINE_RE = re.compile(r"^(\d+) (train|val|hella) (-?\d+\.\d+|-?inf|nan)\n$")
 # GPTConfig fields that choose how to compute, not what: left out of checkpoints, free to change on resume
 COMPUTE_ONLY_FIELDS = ("attention", "ce_chunk_rows")
 
@@ -346,27 +348,44 @@ def _prepare_log_dir(args, resumed_from, resume_step, was_ours):
     for name in os.listdir(args.log_dir):
         if OWN_TEMP_RE.match(name):  # a save or log rewrite that a crash cut short
             os.remove(os.path.join(args.log_dir, name))
+    problem = log_dir_problem(args, resumed_from, resume_step, was_ours)
+    if problem:
+        raise UserError(problem)
     log_file = os.path.join(args.log_dir, "log.txt")
-    previous = [path for _, path in list_checkpoints(args.log_dir)]
-    if os.path.exists(log_file):
-        previous.insert(0, log_file)
-    names = ", ".join(os.path.basename(f) for f in previous[:3]) + (" ..." if len(previous) > 3 else "")
     if resume_step is not None:
-        if previous and not os.path.samefile(os.path.dirname(os.path.abspath(resumed_from)), args.log_dir):
-            raise UserError(f"{args.log_dir} already holds a run ({names}), and --resume {resumed_from} is "
-                            "another's; resume it into a new --log_dir, or drop --resume to continue this one")
         truncate_log(log_file, resume_step)
         return log_file
-    if previous and args.resume == "none" and not args.overwrite:
-        raise UserError(f"{args.log_dir} already holds a run ({names}); drop --resume none to continue it, "
-                        "pass --log_dir NEW_DIR, or --overwrite to delete it and start over")
-    if os.path.exists(log_file) and not args.overwrite and not (was_ours and log_is_ours(log_file)):
-        raise UserError(f"{log_file} was not written by train_gpt2.py in this folder; pass --log_dir NEW_DIR, or "
-                        "--overwrite to replace it")
-    for f in previous:
+    for f in previous_run(args.log_dir):
         os.remove(f)
     open(log_file, "w").close()
     return log_file
+
+
+def previous_run(log_dir):
+    """What an earlier run left in log_dir: its log.txt, then its checkpoints, newest first."""
+    log_file = os.path.join(log_dir, "log.txt")
+    return [log_file] * os.path.exists(log_file) + [path for _, path in list_checkpoints(log_dir)]
+
+
+def log_dir_problem(args, resumed_from, resume_step, was_ours):
+    """Why prepare_log_dir refuses --log_dir, or None; it only reads (the preflight asks it too)."""
+    if not os.path.isdir(args.log_dir):
+        return None  # made when the run claims it
+    log_file = os.path.join(args.log_dir, "log.txt")
+    previous = previous_run(args.log_dir)
+    names = ", ".join(os.path.basename(f) for f in previous[:3]) + (" ..." if len(previous) > 3 else "")
+    if resume_step is not None:
+        if previous and not os.path.samefile(os.path.dirname(os.path.abspath(resumed_from)), args.log_dir):
+            return (f"{args.log_dir} already holds a run ({names}), and --resume {resumed_from} is another's; "
+                    "resume it into a new --log_dir, or drop --resume to continue this one")
+        return None
+    if previous and args.resume == "none" and not args.overwrite:
+        return (f"{args.log_dir} already holds a run ({names}); drop --resume none to continue it, pass "
+                "--log_dir NEW_DIR, or --overwrite to delete it and start over")
+    if os.path.exists(log_file) and not args.overwrite and not (was_ours and log_is_ours(log_file)):
+        return f"{log_file} was not written by train_gpt2.py in this folder; pass --log_dir NEW_DIR, or --overwrite " \
+               "to replace it"
+    return None
 
 
 def log_is_ours(log_file):

@@ -12,6 +12,7 @@ Device and speed tooling for train_gpt2.py. None of it changes what is computed,
 import ctypes
 import json
 import os
+import re
 import resource
 import sys
 
@@ -47,12 +48,26 @@ def keep_freed_cpu_memory():
 # -----------------------------------------------------------------------------
 # Peak FLOP/s and MFU
 
-# Dense bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s; matched against the device name.
-GPU_PEAK_BF16_TFLOPS = [
-    ("H200", 989.5), ("H100 PCIe", 756.0), ("H100", 989.5), ("GH200", 989.5), ("H800", 989.5),
-    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0), ("A10G", 70.0),
-    ("A10", 125.0), ("RTX 4090", 165.2), ("RTX 3090", 71.0), ("A6000", 154.8), ("V100", 125.0), ("T4", 65.0),
+# Peak TFLOP/s from NVIDIA's data sheets: dense (no sparsity) bf16 tensor-core figures, and fp32 for the GPUs that
+# only emulate bf16 (V100, T4: they train in fp32 by default). Each pattern must match the whole device name, less
+# its "NVIDIA "/"Tesla "/"GeForce " prefix: "H100 NVL" is not an H100 SXM.
+BF16, FP32 = "dense bf16", "fp32"
+GPU_PEAK_TFLOPS = [
+    (r"B200", 2250.0, BF16), (r"H100( 80GB HBM3| SXM5 \d+GB)?", 989.5, BF16), (r"H100 PCIe", 756.5, BF16),
+    (r"H100 NVL", 835.5, BF16), (r"H200( \d+GB HBM3e)?", 989.5, BF16), (r"H200 NVL", 835.5, BF16),
+    (r"GH200( \d+GB)?", 989.5, BF16), (r"H800( \d+GB HBM3)?", 989.5, BF16), (r"H800 PCIe", 756.5, BF16),
+    (r"A100(-SXM4-\d+GB|-PCIE-\d+GB| \d+GB PCIe)?", 312.0, BF16), (r"A800(-SXM4-\d+GB| \d+GB PCIe)?", 312.0, BF16),
+    (r"L40S", 362.1, BF16), (r"L40", 181.0, BF16), (r"L4", 121.0, BF16), (r"A10G", 70.0, BF16), (r"A10", 125.0, BF16),
+    (r"RTX 4090", 165.2, BF16), (r"RTX 3090", 71.0, BF16), (r"RTX A6000", 154.8, BF16),
+    (r"V100-SXM2-\d+GB", 15.7, FP32), (r"V100-PCIE-\d+GB", 14.0, FP32), (r"V100S-PCIE-\d+GB", 16.4, FP32),
+    (r"T4", 8.1, FP32),
 ]
+
+
+def gpu_peak(name):
+    """(TFLOP/s, which figure) for a CUDA device name from the table, or None when it is not there."""
+    short = re.sub(r"^(NVIDIA |Tesla |GeForce )+", "", name.strip())
+    return next(((tf, figure) for pattern, tf, figure in GPU_PEAK_TFLOPS if re.fullmatch(pattern, short)), None)
 
 
 def cpu_peak_flops():
@@ -75,11 +90,23 @@ def device_peak_flops(device_type, override_tflops=None):
     if override_tflops:
         return override_tflops * 1e12
     if device_type == "cuda":
-        name = torch.cuda.get_device_name()
-        return next((tf * 1e12 for key, tf in GPU_PEAK_BF16_TFLOPS if key in name), None)
+        peak = gpu_peak(torch.cuda.get_device_name())
+        return peak and peak[0] * 1e12
     if device_type == "cpu":
         return cpu_peak_flops()
     return None
+
+
+def peak_flops_source(device_type, override_tflops=None):
+    """What MFU is measured against, in words, for the run's description."""
+    if override_tflops:
+        return f"--peak_tflops {override_tflops:g}"
+    if device_type == "cuda":
+        name = torch.cuda.get_device_name()
+        peak = gpu_peak(name)
+        return peak and f"{name}'s {peak[1]} peak, {peak[0]:g} TFLOP/s"
+    peak = cpu_peak_flops() if device_type == "cpu" else None
+    return peak and f"the CPU's fp32 FMA peak over {torch.get_num_threads()} threads, {peak / 1e12:.2f} TFLOP/s"
 
 
 def mfu_percent(flops_per_token, tokens_per_sec, peak_flops, world_size):
@@ -140,12 +167,12 @@ def micro_batch_candidates(total_batch_size, T, world_size):
 def out_of_memory(e):
     """The device refused an allocation: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError, raised
     here or anywhere down the chain of causes (torch.compile wraps one met while compiling in
-    BackendCompilerFailed)."""
+    BackendCompilerFailed). Returns that error, or None."""
     while e is not None:
         if isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(e):
-            return True
+            return e
         e = e.__cause__ or e.__context__
-    return False
+    return None
 
 
 def largest_micro_batch(model, candidates, T, vocab_size, autocast_ctx, device, reserve_bytes):

@@ -92,6 +92,35 @@ def test_torchrun_one_process_with_nccl(cuda_shards, tmp_path, hellaswag_dir):
     assert "processes 1" in proc.stdout and len(read_log(tmp_path / "log" / "log.txt")["train"]) == 6
 
 
+def test_preflight_passes_on_this_gpu_and_writes_nowhere(cuda_shards, tmp_path, hellaswag_dir):
+    """Every phase on CUDA (bf16, compile, fused AdamW): the resumed steps agree within the GPU tolerance, and
+    --log_dir and the temporary folder are left as they were."""
+    os.makedirs(tmp_path / "tmp")
+    proc = run(python(train_args(cuda_shards, tmp_path / "log", "--preflight")), env={"TMPDIR": str(tmp_path / "tmp")})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "preflight passed: every phase ran" in proc.stdout and " on cuda:0" in proc.stdout
+    assert not os.path.exists(tmp_path / "log")
+    assert not [n for n in os.listdir(tmp_path / "tmp") if n.startswith("train_gpt2-preflight-")]
+
+
+def test_flash_kernel_runs_the_evaluation_samples_and_the_gpu_is_in_the_peak_table(cuda_shards, tmp_path,
+                                                                                  hellaswag_dir):
+    """--sdpa_backend flash keeps math for the KV cache's masked calls: an evaluation with samples runs. The
+    GPU's name is looked up whole, and the run says which peak MFU uses."""
+    from machinery import speed
+
+    proc = run(python(train_args(cuda_shards, tmp_path / "log", "--sdpa_backend", "flash", "--max_steps", 12)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "sample 0: Hello, I'm a language model," in proc.stdout
+    name = torch.cuda.get_device_name()
+    if any(k in name for k in ("H100", "H200", "A100")):
+        assert speed.gpu_peak(name) is not None, name
+        assert f"MFU against {name}'s dense bf16 peak" in proc.stdout
+    # bf16 only where the GPU computes it (T4 and V100 emulate it)
+    major = torch.cuda.get_device_capability()[0]
+    assert ("dtype bf16" in proc.stdout) == (major >= 8), proc.stdout[:500]
+
+
 def test_batch_auto_backs_off_from_a_real_out_of_memory(tmp_path):
     """GPT-2 124M at T=1024: -B 512 cannot fit in any single GPU's memory; -B auto must step down to one that does."""
     proc = run_script("train_gpt2.py", "--benchmark", "--max_steps", 2, "--warmup_steps", 1, "-B", "auto",

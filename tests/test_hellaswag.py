@@ -1,5 +1,6 @@
 """HellaSwag: rendering, the scoring rule, evaluation across ranks, the command line."""
 
+import hashlib
 import itertools
 import os
 import sys
@@ -152,12 +153,14 @@ def test_command_line_scores_transformers_and_checkpoints(tmp_path, hellaswag_di
     proc = run_script("hellaswag.py", "-m", tmp_path / "model_00010.pt", "--limit", 12)
     assert proc.returncode == 0, proc.stderr
     assert "12 examples | acc " in proc.stdout
-    single = proc.stdout.strip().splitlines()[-1].rsplit(" | ", 1)[0]
+    # the tests' file is a stand-in: the result says it does not compare with published ones
+    assert proc.stdout.strip().splitlines()[-1] == f"note: {hellaswag.not_the_real_val_set(hellaswag_dir)}"
+    single = proc.stdout.strip().splitlines()[-2].rsplit(" | ", 1)[0]
     # under torchrun the examples are split across ranks and the counts summed
     proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 os.path.join(REPO, "hellaswag.py"), "-m", str(tmp_path / "model_00010.pt"), "--limit", "12"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1].rsplit(" | ", 1)[0] == single
+    assert proc.stdout.strip().splitlines()[-2].rsplit(" | ", 1)[0] == single
 
     proc = run_script("hellaswag.py", "-m", tmp_path / "missing.pt")
     assert_one_line_error(proc, "missing.pt does not exist")
@@ -191,3 +194,17 @@ def test_a_damaged_cache_file_is_one_line_naming_it(tmp_path, hellaswag_dir):
             hellaswag.main(["-m", "gpt2", "--cache_dir", str(tmp_path / name)])
         assert str(e.value).startswith(f"hellaswag.py: error: {tmp_path / name / 'hellaswag_val.jsonl'} {reason}")
         assert "delete it" in str(e.value)
+
+
+def test_a_stand_in_val_file_is_told_from_hellaswags_own(tmp_path, hellaswag_dir, monkeypatch):
+    """HellaSwag's own val file is known by its size and sha256; any other file (the tests' cleaned stand-in, a
+    copy cut short) gets a note, and a file that matches both gets none."""
+    note = hellaswag.not_the_real_val_set(hellaswag_dir)
+    assert note.startswith(os.path.join(hellaswag_dir, "hellaswag_val.jsonl")) and "do not compare" in note
+    assert hellaswag.not_the_real_val_set(str(tmp_path)) is None  # no file yet: nothing to say
+    path = os.path.join(hellaswag_dir, "hellaswag_val.jsonl")
+    data = open(path, "rb").read()
+    monkeypatch.setattr(hellaswag, "REAL_VAL_FILE", (len(data), hashlib.sha256(data).hexdigest()))
+    assert hellaswag.not_the_real_val_set(hellaswag_dir) is None
+    (tmp_path / "hellaswag_val.jsonl").write_bytes(data[:-1] + b"x")  # the same size, one byte changed
+    assert hellaswag.not_the_real_val_set(str(tmp_path)) is not None

@@ -10,7 +10,7 @@ import contextlib
 
 from machinery.common import UserError
 from machinery.speed import largest_micro_batch, micro_batch_candidates
-from machinery import runtime
+from machinery import runtime, speed
 import train_gpt2
 from train_gpt2 import GPT, GPTConfig, get_lr, parse_args
 
@@ -252,3 +252,19 @@ def test_each_process_gets_its_own_device():
     else:
         assert runtime.process_device("cuda:1", "cuda", 0, ddp=False) == "cuda:1"
     assert not runtime.bf16_supported("cpu")
+
+
+def test_mfu_peak_matches_whole_gpu_names():
+    """The peak FLOP/s table matches a device name whole: an H100 NVL or PCIe card is not an H100 SXM, and
+    V100 and T4 (which emulate bf16, so train in fp32) are measured against their fp32 peak."""
+    assert speed.gpu_peak("NVIDIA H100 80GB HBM3") == (989.5, "dense bf16")
+    assert speed.gpu_peak("NVIDIA H100 NVL") == (835.5, "dense bf16")
+    assert speed.gpu_peak("NVIDIA H100 PCIe") == (756.5, "dense bf16")
+    assert speed.gpu_peak("NVIDIA H200 NVL") == (835.5, "dense bf16")
+    assert speed.gpu_peak("NVIDIA A100-SXM4-40GB") == speed.gpu_peak("NVIDIA A100 80GB PCIe") == (312.0, "dense bf16")
+    assert speed.gpu_peak("NVIDIA L40") == (181.0, "dense bf16") and speed.gpu_peak("NVIDIA L4")[0] == 121.0
+    assert speed.gpu_peak("Tesla V100-SXM2-16GB") == (15.7, "fp32") and speed.gpu_peak("Tesla T4") == (8.1, "fp32")
+    assert speed.gpu_peak("NVIDIA GeForce RTX 4090") == (165.2, "dense bf16")
+    for unknown in ("NVIDIA GeForce RTX 4090 D", "NVIDIA H100X", "NVIDIA A100X", "NVIDIA L4 Ada"):
+        assert speed.gpu_peak(unknown) is None, unknown
+    assert speed.peak_flops_source("cpu", 100) == "--peak_tflops 100"

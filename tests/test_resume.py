@@ -540,3 +540,24 @@ def test_raising_max_steps_on_a_finished_run_says_the_schedule_is_recomputed(ref
     assert f"note: --max_steps changed from {STEPS} to {STEPS + 2}" in stdout
     assert (f"note: the learning-rate schedule is recomputed over {STEPS + 2} steps, so from step 15 on it follows "
             f"the new curve") in stdout and f"pass --max_steps {STEPS}" in stdout
+
+
+def test_truncate_log_keeps_only_whole_lines_whatever_a_torn_one_holds(tmp_path):
+    """A full disk or a crash can end log.txt anywhere: mid-line at a 4 KiB page boundary, or in zeros the
+    file system left in a page that was never written. Only whole lines of steps before the resume step stay."""
+    lines = [f"{step} train {10 - step / 100:.6f}\n" for step in range(300)] + ["250 val 7.5000\n"]
+    whole = "".join(lines)
+    cut = 4096 + 7  # a page boundary falls inside this line: keep its start, as a short write would
+    line_start = whole.rfind("\n", 0, cut) + 1
+    assert whole[line_start].isdigit() and not whole[line_start:cut].endswith("\n")
+    tails = {"page boundary": whole[line_start:cut], "one digit": "1", "zeros": "\0" * 300,
+             "zeros then a newline": "299 train 7.01\0\0\0\0\n", "number cut short": "299 train 7.\n",
+             "a digit after zeros": "\0\0" + "299 train 7.010000\n"}
+    for what, tail in tails.items():
+        path = tmp_path / "log.txt"
+        path.write_text(whole[:line_start] + tail, encoding="latin-1")
+        step = int(whole[:line_start].splitlines()[-1].split()[0]) + 1
+        checkpoints.truncate_log(str(path), step)
+        assert path.read_text() == whole[:line_start], what
+        checkpoints.truncate_log(str(path), 100)
+        assert path.read_text() == "".join(lines[:100]), what

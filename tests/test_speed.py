@@ -135,3 +135,48 @@ def test_a_chosen_sdpa_kernel_keeps_math_for_the_calls_it_refuses(name, kept):
     finally:
         for k, on in before.items():
             getattr(torch.backends.cuda, f"enable_{k}_sdp")(on)
+
+
+# two gloo ranks: -B auto's probes, then DDP around the compiled model, as setup_run does
+DDP_SPLIT_CHECK = r'''
+import contextlib, sys
+import torch
+import torch.distributed as dist
+from torch._dynamo.backends.distributed import DDPOptimizer
+from torch.nn.parallel import DistributedDataParallel as DDP
+sys.path.insert(0, sys.argv[1])
+from machinery import speed
+from train_gpt2 import GPT, GPTConfig
+
+dynamic = []  # one entry per graph DDPOptimizer split: whether its inputs have a symbolic (dynamic) size
+split = DDPOptimizer.compile_fn
+def recorded(self, gm, example_inputs):
+    dynamic.append(any(isinstance(s, torch.SymInt) for a in example_inputs if isinstance(a, torch.Tensor)
+                       for s in a.shape) or any(isinstance(a, torch.SymInt) for a in example_inputs))
+    return split(self, gm, example_inputs)
+DDPOptimizer.compile_fn = recorded
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+raw = GPT(GPTConfig(block_size=32, vocab_size=128, n_layer=2, n_head=2, n_embd=32))
+model = torch.compile(raw, backend="aot_eager")
+B = speed.auto_micro_batch(model, raw, [4, 2], 32, contextlib.nullcontext(), "cpu", ddp=True)
+ddp = DDP(model)
+for _ in range(2):
+    x = torch.randint(0, 128, (B, 32))
+    ddp(x, x)[1].backward()
+print(f"rank {dist.get_rank()}: B {B}, DDPOptimizer graphs {dynamic}")
+dist.destroy_process_group()
+'''
+
+
+def test_after_batch_auto_training_compiles_the_static_ddp_split_graph(tmp_path):
+    """-B auto probes the compiled model outside DDP at several sizes; the training graph must not reuse that
+    graph (dynamic batch, never split by DDPOptimizer, so no all-reduce overlaps the backward). Without the
+    dynamo reset after the probes this prints `DDPOptimizer graphs []`."""
+    script = tmp_path / "ddp_split_check.py"
+    script.write_text(DDP_SPLIT_CHECK)
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                REPO], env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: B 4, DDPOptimizer graphs [False]" in proc.stdout, proc.stdout

@@ -1,0 +1,331 @@
+"""
+--preflight: every phase of the real run once, on its own device, data, model and world size, then what the
+whole run will cost. A run that fails at its first evaluation or first save fails here instead, in a minute.
+
+It trains in a temporary folder (TMPDIR's) that it deletes at the end, and writes nothing to --log_dir: that
+folder is only checked (usable, and room on its disk for what the run keeps). The phases, in order:
+inputs (the flags, data, tokenizer, HellaSwag, a checkpoint to resume) -> setup (model, optimizer, loaders,
+DDP) -> first step (compiles) -> steps (timed) -> evaluation (val loss, HellaSwag on a few hundred examples,
+the samples) -> disk -> checkpoint (a resume point saved) -> resume (loaded into a fresh model and optimizer:
+the next steps give the losses the run itself gave) -> ranks (the same weights on every rank, and the link's
+all-reduce speed). Then the summary: tok/s, MFU, peak memory, link GB/s, the run's projected time and disk.
+
+The recipe's own functions do the work: `recipe` is train_gpt2 itself, passed in (it imports this module, so
+importing it here would be a cycle).
+"""
+
+import argparse
+import contextlib
+import gc
+import io
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from machinery import checkpoints, speed
+from machinery.common import UserError, first_line
+from machinery.runtime import synchronize
+
+TIMED_STEPS = 3  # after the first step, which compiles
+RESUME_STEPS = 2  # the first checks the weights and data position, the second the optimizer's moments
+HELLASWAG_EXAMPLES = 200  # "a few hundred": every code path, in seconds
+GPU_LOSS_TOLERANCE = 1e-3  # GPU kernels may sum in another order from one run to the next; CPU is exact
+LOG_LINE_BYTES = 24  # "19072 train 3.071234\n" and its kin
+
+
+class Phases:
+    """Runs each phase and times it: `with phases("name"):`. A failure becomes one line naming the phase
+    (an unexpected exception's traceback is printed above it)."""
+
+    def __init__(self, master, out_of_memory_error):
+        self.master, self.out_of_memory_error = master, out_of_memory_error  # the run's one line, naming a -B
+        self.device_type, self.seconds = "cpu", {}
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        t0 = time.time()
+        try:
+            yield
+            synchronize(self.device_type)
+        except UserError as e:
+            raise UserError(f"preflight failed at {name}: {e}") from None
+        except Exception as e:
+            if speed.out_of_memory(e):
+                raise UserError(f"preflight failed at {name}: {self.out_of_memory_error(e)}") from None
+            traceback.print_exc()
+            raise UserError(f"preflight failed at {name}: {type(e).__name__}: {first_line(e)}") from None
+        self.seconds[name] = time.time() - t0
+        if self.master:
+            print(f"preflight: {name} ok ({self.seconds[name]:.1f}s)", flush=True)
+
+
+def run(args, recipe):
+    """The preflight of `args`' run; returns 0 when every phase passed (a failure raises UserError)."""
+    real = argparse.Namespace(**vars(args))  # the run as asked for: its projections and its --log_dir
+    phases = Phases(int(os.environ.get("RANK", 0)) == 0, lambda e: recipe.out_of_memory_error(real, e))
+    with phases("inputs"):
+        compute = recipe.compute_init(args)
+        phases.device_type = compute.device_type
+        inputs = recipe.check_inputs(args, compute)
+        check_log_dir(real, inputs)
+        recipe.init_distributed(compute, inputs.ckpt["step"] if inputs.ckpt else 0)
+        folder = temporary_folder(compute)
+    try:
+        args.log_dir, args.wandb, args.overwrite = folder, False, False
+        args.hellaswag_limit = min(args.hellaswag_limit or HELLASWAG_EXAMPLES, HELLASWAG_EXAMPLES)
+        with checkpoints.claim_log_dir(args, holder=compute.master) as was_ours:
+            report = train_phases(args, real, recipe, compute, inputs, phases, was_ours)
+        if compute.master:
+            print_report(report, real, phases, recipe.duration)
+        if compute.ddp:
+            dist.barrier()  # every rank is done with the folder before rank 0 deletes it
+            dist.destroy_process_group()
+    finally:
+        if compute.master:
+            shutil.rmtree(folder, ignore_errors=True)
+    return 0
+
+
+def check_log_dir(args, inputs):
+    """--log_dir is a folder this run can write in (or make), and the real run would accept what is in it."""
+    folder = os.path.abspath(args.log_dir)
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--log_dir {args.log_dir}: {existing} is a file, not a folder; pass another --log_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--log_dir {args.log_dir}: {existing} is not writable by this user; pass another --log_dir")
+    was_ours = os.path.exists(os.path.join(folder, checkpoints.LOCK_NAME))
+    ckpt = inputs.ckpt
+    problem = checkpoints.log_dir_problem(args, ckpt and ckpt["path"], ckpt["step"] if ckpt else None, was_ours)
+    if problem:
+        raise UserError(problem)
+
+
+def temporary_folder(compute):
+    """Rank 0 makes the folder; every rank must see it (to load the checkpoint the resume phase saves)."""
+    folder = [tempfile.mkdtemp(prefix="train_gpt2-preflight-") if compute.master else None]
+    if compute.ddp:
+        dist.broadcast_object_list(folder, src=0)
+    if not os.path.isdir(folder[0]):
+        raise UserError(f"rank {compute.rank} cannot see rank 0's temporary folder {folder[0]}: point TMPDIR at "
+                        "storage that every node shares (as --log_dir must be)")
+    return folder[0]
+
+
+def train_phases(args, real, recipe, compute, inputs, phases, was_ours):
+    """From the model's setup to the resumed run's steps; returns what the summary reports."""
+    with phases("setup"):
+        run = recipe.setup_run(args, compute, inputs, was_ours)
+        run.started = time.time()
+    with phases("first step"):
+        step = train_steps(recipe, run, run.start_step, 1)[0]
+    with phases("steps"):
+        step = train_steps(recipe, run, step, TIMED_STEPS)[0]
+    times = sorted(run.step_times[1:])
+    report = dict(step_time=times[len(times) // 2], peak_memory=peak_memory_bytes(compute.device_type),
+                  start_step=run.start_step, batch_size=args.batch_size, flops_per_token=run.flops_per_token,
+                  peak_flops=run.peak_flops, world_size=compute.world_size, device=compute.device,
+                  device_type=compute.device_type, hellaswag_scored=args.hellaswag_limit)
+    with phases("evaluation"):
+        report["eval_time"] = evaluation_time(recipe, run, step, real)
+    with phases("disk"):
+        report["file_bytes"] = checkpoint_bytes(run)
+        report["saves"] = check_disk(real, run, report["file_bytes"])
+    with phases("checkpoint"):
+        run.checkpointer.save(step, run.val_loss, stop=True)  # a resume point: what a stop signal writes
+        if compute.ddp:
+            dist.barrier()  # written whole before any rank loads it
+    report["save_time"] = phases.seconds["checkpoint"]
+    with phases("ranks"):
+        check_same_weights(run, compute)
+        report["link"] = link_speed(run.raw_model, compute)
+    with phases("resume"):
+        live = train_steps(recipe, run, step, RESUME_STEPS)[1]
+        del run  # the fresh model takes its place in memory
+        check_resumed(recipe, args, compute, step, live)
+    return report
+
+
+def train_steps(recipe, run, step, n):
+    """n optimizer steps of the real loop's train_step, each checked and reported; returns (next step, losses)."""
+    losses = []
+    for _ in range(n):
+        loss, lr, norm, dt, _, _ = recipe.train_step(run, step, [])
+        norm = norm.item()
+        recipe.check_finite(run, step, loss, norm)
+        recipe.report_step(run, step, loss, lr, norm, dt)
+        losses.append(loss)
+        step += 1
+    return step, losses
+
+
+def evaluation_time(recipe, run, step, real):
+    """One whole evaluation (it compiles HellaSwag's graph), then two quiet timed ones: with and without
+    HellaSwag's few hundred examples. Returns the seconds one evaluation of the real run will take."""
+    args = run.args
+    recipe.evaluate(run, step)
+    if not args.hellaswag:
+        return timed(recipe.evaluate, run, step, sample=False)
+    with_hellaswag = timed(recipe.evaluate, run, step, sample=False)
+    without = timed(recipe.evaluate, run, step, sample=False, hellaswag=False)
+    examples = real.hellaswag_limit or sum(1 for _ in recipe.hellaswag.iterate_examples("val"))
+    return without + (with_hellaswag - without) * examples / args.hellaswag_limit
+
+
+def timed(evaluate, run, step, **flags):
+    """Seconds for evaluate(run, step) with these flags set for the call, its lines not printed."""
+    saved = {k: getattr(run.args, k) for k in flags}
+    vars(run.args).update(flags)
+    log_file, run.log_file = run.log_file, None
+    try:
+        t0 = time.time()
+        with contextlib.redirect_stdout(io.StringIO()):
+            evaluate(run, step)
+        synchronize(run.compute.device_type)
+        return time.time() - t0
+    finally:
+        vars(run.args).update(saved)
+        run.log_file = log_file
+
+
+def checkpoint_bytes(run):
+    """About what one checkpoint file takes: the weights and the optimizer's state, tensor by tensor."""
+    tensors = list(run.raw_model.state_dict().values())
+    for state in run.optimizer.state_dict()["state"].values():
+        tensors += [t for t in state.values() if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def saves_ahead(run, real):
+    """The files the whole run will write, from where it starts: (milestones, resume points)."""
+    checkpointer = checkpoints.Checkpointer(real, run.raw_model, run.optimizer, {}, run.start_step, True,
+                                            run.compute.world_size, {})
+    names = [checkpointer.due(step, step == real.max_steps - 1) for step in range(run.start_step, real.max_steps)]
+    return names.count("model"), names.count("ckpt")
+
+
+def check_disk(real, run, file_bytes):
+    """Room for what the run keeps in --log_dir (its milestones, --keep_last resume points and one being
+    written, its log), and in the temporary folder for one checkpoint. Returns (milestones, resume points,
+    bytes kept)."""
+    if not run.compute.master:
+        return None
+    milestones, resume_points = saves_ahead(run, real)
+    kept = (milestones + min(resume_points, real.keep_last + 1)) * file_bytes + LOG_LINE_BYTES * real.max_steps
+    folder = os.path.abspath(real.log_dir)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    free = shutil.disk_usage(folder).free
+    if free < kept:
+        raise UserError(f"--log_dir {real.log_dir} has {gb(free)} free, and the run keeps about {gb(kept)} there "
+                        f"(milestones {milestones}, resume points up to {min(resume_points, real.keep_last + 1)}, "
+                        f"each {gb(file_bytes)}; and the log): free some space, raise --checkpoint_every, or pass "
+                        "another --log_dir")
+    free_temp = shutil.disk_usage(run.args.log_dir).free
+    if free_temp < file_bytes:
+        raise UserError(f"the temporary folder {run.args.log_dir} has {gb(free_temp)} free and a checkpoint takes "
+                        f"{gb(file_bytes)}: set TMPDIR to a folder with room")
+    return milestones, resume_points, kept
+
+
+def check_resumed(recipe, args, compute, step, live):
+    """The steps from `step` again, from the checkpoint saved there loaded into a fresh model and optimizer:
+    their losses must equal `live`, the run's own (bit for bit on CPU), or a resumed run would not continue it."""
+    gc.collect()
+    if compute.device_type == "cuda":
+        torch.cuda.empty_cache()
+    args.resume = os.path.join(args.log_dir, f"ckpt_{step:05d}.pt")  # saved by rank 0, read by every rank
+    inputs = recipe.check_inputs(args, compute)
+    with contextlib.redirect_stdout(io.StringIO()):  # its description was printed once already
+        resumed = recipe.setup_run(args, compute, inputs, was_ours=True)
+    resumed.started = time.time()
+    if compute.master:
+        print(f"preflight: steps {step}-{step + RESUME_STEPS - 1} again, from the checkpoint in a fresh model:")
+    again = train_steps(recipe, resumed, step, RESUME_STEPS)[1]
+    tolerance = 0.0 if compute.device_type == "cpu" else GPU_LOSS_TOLERANCE
+    if any(abs(a - b) > tolerance for a, b in zip(live, again)):
+        raise UserError(f"from the checkpoint of step {step}, steps {step}-{step + RESUME_STEPS - 1} gave losses "
+                        f"{again}, the run itself {live}: a resumed run would not continue this one")
+
+
+def check_same_weights(run, compute):
+    """DDP keeps one model on every rank: each parameter's sum is the same everywhere, to the bit."""
+    if not compute.ddp:
+        return
+    sums = torch.stack([p.detach().double().sum() for p in run.raw_model.parameters()])
+    low, high = sums.clone(), sums.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    differ = (low != high).nonzero().flatten().tolist()
+    if differ:
+        name = [n for n, _ in run.raw_model.named_parameters()][differ[0]]
+        raise UserError(f"the ranks' weights differ ({len(differ)} parameters, first {name}): DDP did not keep "
+                        "them in step")
+
+
+def link_speed(model, compute, repeats=3):
+    """Seconds for an all-reduce of a buffer the size of the gradients (DDP's traffic per step) and its bus
+    bandwidth in bytes/s (nccl-tests' busbw: what each link carries); None with one process."""
+    if not compute.ddp:
+        return None
+    buffer = torch.ones(sum(p.numel() for p in model.parameters()), device=compute.device)
+    dist.all_reduce(buffer)  # the first one sets up the connections
+    synchronize(compute.device_type)
+    t0 = time.time()
+    for _ in range(repeats):
+        dist.all_reduce(buffer)
+    synchronize(compute.device_type)
+    seconds = (time.time() - t0) / repeats
+    n = compute.world_size
+    return dict(bytes=buffer.numel() * 4, seconds=seconds, bus=buffer.numel() * 4 * 2 * (n - 1) / n / seconds)
+
+
+def peak_memory_bytes(device_type):
+    """(peak, total) bytes: the GPU's allocations against its memory, or the process's peak resident memory
+    against the machine's."""
+    if device_type == "cuda":
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        return torch.cuda.max_memory_allocated(), total
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    return rss, total
+
+
+def gb(n):
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def print_report(r, real, phases, duration):
+    """What the run will take, from what the phases measured."""
+    tokens_per_sec = real.total_batch_size / r["step_time"]
+    mfu = "" if r["peak_flops"] is None else \
+        f" | MFU {speed.mfu_percent(r['flops_per_token'], tokens_per_sec, r['peak_flops'], r['world_size']):.1f}%"
+    print(f"preflight: speed {r['step_time'] * 1000:.1f} ms/step (median of {TIMED_STEPS}, -B {r['batch_size']}) | "
+          f"{tokens_per_sec:,.0f} tok/s{mfu}")
+    peak, total = r["peak_memory"]
+    print(f"preflight: peak memory {gb(peak)}" + (f" of {gb(total)} ({100 * peak / total:.0f}%)" if total else "")
+          + (" on " + r["device"] if r["device_type"] == "cuda" else " (this process)"))
+    link = r["link"]
+    print("preflight: link: one process, nothing to all-reduce" if link is None else
+          f"preflight: link: all-reduce of {gb(link['bytes'])} (the gradients) in {link['seconds'] * 1000:.1f} ms, "
+          f"bus bandwidth {link['bus'] / 1e9:.2f} GB/s")
+    steps = range(r["start_step"], real.max_steps)
+    evals = sum(1 for s in steps if s % real.eval_every == 0 or s == real.max_steps - 1)
+    milestones, resume_points, kept = r["saves"]
+    total_time = len(steps) * r["step_time"] + evals * r["eval_time"] + (milestones + resume_points) * r["save_time"]
+    print(f"preflight: the run: about {duration(total_time)} for steps {r['start_step']}-{real.max_steps - 1} "
+          f"({len(steps):,} x {r['step_time']:.3g}s + {evals} evaluations x {r['eval_time']:.3g}s + "
+          f"{milestones + resume_points} saves x {r['save_time']:.2g}s; HellaSwag's time scaled from "
+          f"{r['hellaswag_scored']} examples)")
+    print(f"preflight: disk: --log_dir {real.log_dir} will hold about {gb(kept)} (milestones {milestones}, resume "
+          f"points up to {min(resume_points, real.keep_last + 1)}, each {gb(r['file_bytes'])}; and the log)")
+    print(f"preflight passed: every phase ran, in {duration(sum(phases.seconds.values()))} in all")

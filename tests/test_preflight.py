@@ -1,0 +1,151 @@
+"""
+--preflight: every phase of the real run once, in a temporary folder, then the run's projections. Real
+processes: it passes on a tiny config (1 process, 2 gloo ranks, and resuming a real run), leaves --log_dir and
+TMPDIR as it found them, and a phase that cannot work fails in one line that names it, with exit 1.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+from conftest import REPO, TINY_MODEL, assert_one_line_error, run, write_shards
+
+import train_gpt2
+from machinery.preflight import Phases
+from machinery.common import UserError
+
+pytestmark = pytest.mark.slow  # real training processes
+
+PHASES = ["inputs", "setup", "first step", "steps", "evaluation", "disk", "checkpoint", "ranks", "resume"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("preflight") / "shards")
+    write_shards(root, [4000], split="val", first_index=0)
+    write_shards(root, [6000, 6000])
+    return root
+
+
+def command(shards, log_dir, *extra, nproc=1):
+    flags = ["--data_dir", shards, "--log_dir", log_dir, *TINY_MODEL, "-B", 4, "-T", 32, "--total_batch_size",
+             256 * nproc, "--max_steps", 40, "--warmup_steps", 3, "--eval_every", 10, "--val_steps", 2,
+             "--hellaswag_limit", 8, "--save_every", 3, *extra]
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                     f"--nproc_per_node={nproc}"]
+    return launcher + [os.path.join(REPO, "train_gpt2.py"), *map(str, flags)]
+
+
+def snapshot(folder):
+    """{name: bytes} of everything in a folder, or None when there is no folder."""
+    if not os.path.isdir(folder):
+        return None
+    return {name: open(os.path.join(folder, name), "rb").read() for name in sorted(os.listdir(folder))}
+
+
+def preflight(shards, log_dir, tmp, *extra, nproc=1):
+    os.makedirs(tmp, exist_ok=True)
+    return run(command(shards, log_dir, "--preflight", *extra, nproc=nproc), env={"TMPDIR": str(tmp)})
+
+
+def leftovers(tmp):
+    """What the preflight left in TMPDIR (torch's own caches, such as torchinductor_USER, may stay)."""
+    return [name for name in os.listdir(tmp) if name.startswith("train_gpt2-preflight-")]
+
+
+def assert_passed(proc):
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    for phase in PHASES:
+        assert f"preflight: {phase} ok (" in proc.stdout, phase
+    assert "preflight passed: every phase ran" in proc.stdout
+
+
+def test_a_tiny_run_passes_every_phase_and_writes_nowhere(shards, hellaswag_dir, tmp_path):
+    log_dir, tmp = tmp_path / "log", tmp_path / "tmp"
+    proc = preflight(shards, log_dir, tmp)
+    assert_passed(proc)
+    assert not os.path.exists(log_dir) and leftovers(tmp) == []  # nothing made, nothing left behind
+    out = proc.stdout
+    assert "validation loss:" in out and "HellaSwag accuracy: " in out and "sample 0: " in out
+    assert "preflight: steps 4-5 again, from the checkpoint in a fresh model:" in out
+    # the same two steps from the checkpoint gave the run's own losses, to the bit (CPU, fp32)
+    lines = [line.split("| dt")[0] for line in out.splitlines() if line.startswith("step ")]
+    assert lines[4:6] == lines[6:8] and len(lines) == 8
+    assert " tok/s | MFU " in out and "preflight: link: one process" in out
+    assert "preflight: the run: about " in out and "for steps 0-39 (40 x " in out and " 5 evaluations x " in out
+    assert "will hold about " in out and "(milestones 1, resume points up to 3, each " in out
+
+
+def test_resuming_a_real_run_leaves_its_folder_byte_for_byte(shards, hellaswag_dir, tmp_path):
+    log_dir, tmp = tmp_path / "log", tmp_path / "tmp"
+    proc = run(command(shards, log_dir, "--max_steps", 7))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before = snapshot(log_dir)
+    assert "ckpt_00003.pt" in before and "model_00006.pt" in before
+    proc = preflight(shards, log_dir, tmp, "--max_steps", 12)  # the same run, to be trained on
+    assert_passed(proc)
+    assert "resuming at step 6 from " in proc.stdout and "for steps 6-11 (6 x " in proc.stdout
+    assert snapshot(log_dir) == before and leftovers(tmp) == []
+
+
+def test_two_gloo_ranks_pass_and_measure_the_link(shards, hellaswag_dir, tmp_path):
+    log_dir, tmp = tmp_path / "log", tmp_path / "tmp"
+    proc = preflight(shards, log_dir, tmp, nproc=2)
+    assert_passed(proc)
+    assert "processes 2" in proc.stdout and "preflight: link: all-reduce of " in proc.stdout
+    assert " GB/s" in proc.stdout.split("preflight: link:")[1].splitlines()[0]
+    assert not os.path.exists(log_dir) and leftovers(tmp) == []
+
+
+def test_no_hellaswag_file_fails_at_inputs(shards, tmp_path):
+    offline = {"HELLASWAG_CACHE_DIR": str(tmp_path / "hs"), "HTTPS_PROXY": "http://127.0.0.1:9",
+               "TMPDIR": str(tmp_path)}
+    proc = run(command(shards, tmp_path / "log", "--preflight"), env=offline)
+    assert proc.returncode == 1
+    assert_one_line_error(proc, "preflight failed at inputs:", "hellaswag_val.jsonl", "--no-hellaswag")
+    assert not os.path.exists(tmp_path / "log")
+
+
+def test_a_full_log_disk_fails_at_disk(shards, hellaswag_dir, small_disk, tmp_path):
+    disk, tmp = small_disk("2m"), tmp_path / "tmp"
+    proc = preflight(shards, disk / "log", tmp)
+    assert proc.returncode == 1
+    assert_one_line_error(proc, "preflight failed at disk:", f"--log_dir {disk / 'log'} has ", "free some space")
+    assert os.listdir(disk) == [] and leftovers(tmp) == []
+
+
+def test_a_small_tmpfs_for_the_temporary_folder_fails_at_disk(shards, hellaswag_dir, small_disk, tmp_path):
+    tmp = small_disk("2m")
+    proc = preflight(shards, tmp_path / "log", tmp)
+    assert proc.returncode == 1
+    assert_one_line_error(proc, "preflight failed at disk:", "the temporary folder", "set TMPDIR")
+    assert leftovers(tmp) == [] and not os.path.exists(tmp_path / "log")
+
+
+def test_a_log_dir_that_is_a_file_or_holds_another_run_fails_at_inputs(shards, hellaswag_dir, tmp_path):
+    (tmp_path / "file").write_text("mine")
+    proc = preflight(shards, tmp_path / "file" / "log", tmp_path / "tmp")
+    assert_one_line_error(proc, "preflight failed at inputs:", "is a file, not a folder")
+    os.makedirs(tmp_path / "other")
+    (tmp_path / "other" / "log.txt").write_text("my notes\n")
+    proc = preflight(shards, tmp_path / "other", tmp_path / "tmp")
+    assert proc.returncode == 1
+    assert_one_line_error(proc, "preflight failed at inputs:", "was not written by train_gpt2.py")
+    assert (tmp_path / "other" / "log.txt").read_text() == "my notes\n"
+    assert leftovers(tmp_path / "tmp") == []
+
+
+def test_out_of_memory_in_a_phase_is_one_line_naming_a_smaller_batch():
+    """The default -B 64 does not fit a 40 GB card: the preflight says so at its first step, as the run would,
+    also when torch.compile wraps the error (its backend ran out while compiling)."""
+    args = train_gpt2.parse_args([])
+    phases = Phases(True, lambda e: train_gpt2.out_of_memory_error(args, e))
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.07 GiB")
+    for error in (oom, RuntimeError("backend compiler failed")):
+        error.__cause__ = oom if error is not oom else None
+        with pytest.raises(UserError) as e:
+            with phases("first step"):
+                raise error
+        assert str(e.value).startswith("preflight failed at first step: out of GPU memory at -B 64 (CUDA out of")
+        assert "pass -B 32" in str(e.value) and "\n" not in str(e.value)
