@@ -268,7 +268,7 @@ def test_first_try_preset_reports_eta_and_summary_then_a_rerun_is_complete(shake
     assert len(samples) == 4 and all("Hello, I'm a language model," in s for s in samples)
     # a sample's newlines are escaped: every line of the output is one of the run's own kinds of line
     kinds = ("device ", "recipe ", "model: ", "total batch", "data", "train shards", "MFU ", "validation loss",
-             "HellaSwag", "step ", "sample ", "saved ", "done: ")
+             "HellaSwag", "step ", "sample ", "saved ", "done: ", "note: ")
     assert all(line.startswith(kinds) for line in proc.stdout.splitlines()), proc.stdout
     summary = proc.stdout.strip().splitlines()[-1]
     log = read_log(tmp_path / "log" / "log.txt")

@@ -150,7 +150,9 @@ def run_args(data_dir, log_dir, recipe, extra=()):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["llama", "speedrun"])
+# speedrun covers what resuming adds over GPT-2's (tests/test_resume.py): the rotary tables, computed and never
+# saved, and the state of two optimizers; llama's blocks have nothing of their own to save
+@pytest.mark.parametrize("recipe", ["speedrun"])
 def test_kill9_then_resume_is_byte_identical(recipe, shakespeare_shards, tmp_path, hellaswag_dir):
     ref = str(tmp_path / "ref")
     stdout = finish(run_args(shakespeare_shards, ref, recipe))
@@ -187,7 +189,7 @@ def ddp_args(data, log_dir, recipe, val_steps):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["llama", "speedrun"])
+@pytest.mark.parametrize("recipe", ["speedrun"])  # DDP is the same for every arch; Muon's step is not AdamW's
 def test_two_processes_equal_one_with_double_accumulation(recipe, tmp_path):
     data = str(tmp_path / "data")
     write_shards(data, [5 * 128 + 1, 3 * 128 + 1, 4 * 128 + 1])
