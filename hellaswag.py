@@ -224,7 +224,7 @@ def load_model(name_or_path, device, compile=False):
         import train_gpt2
 
         gpt = train_gpt2.GPT.from_pretrained(name_or_path).to(device).eval()
-        hidden, head, max_len = gpt.hidden_states, gpt.lm_head, gpt.config.block_size
+        hidden, head, max_len = gpt.hidden_states, gpt.logits, gpt.config.block_size
     else:
         # GPT-2 or Llama: base_model is the stack below the head
         hf = hf_convert.load_hf_model(name_or_path).to(device).eval()

@@ -50,14 +50,21 @@ class GPTConfig:
     # beyond GPT-2 (variants.py): "llama" or "modern" blocks, rotary positions instead of learned ones
     arch: str = "gpt2"
     untie_head: bool = False  # lm_head its own matrix, starting at zero (the speedrun's)
+    # the speedrun-simple recipe's knobs (variants.py); their defaults leave every other arch as it was
+    bias: bool = False  # llama, modern, simple: biases in every linear and the head (gpt2's always have them)
+    rotary: str = "full"  # "half": the speedrun's half-truncated rotary positions
+    attn_scale: float = 0.0  # > 0: attention scores scaled by this instead of 1/sqrt(head size)
+    embed_norm: bool = False  # an RMSNorm right after the embedding
+    logit_softcap: float = 0.0  # > 0: logits squashed smoothly into (-cap, cap)
     # how to compute, not what: the same function either way, so checkpoints leave these two out
     attention: str = "sdpa"  # "sdpa": flash attention; "manual": the (T, T) matrix written out
     ce_chunk_rows: int = 0  # > 0: lm_head and the loss this many rows at a time, no whole-batch logits
 
 
-def causal_attention(q, k, v, cache, attention):
+def causal_attention(q, k, v, cache, attention, scale=None):
     """Each query position attends to itself and the positions before it: (B, nh, T, hs) in and out.
-    `cache` (generation) keeps the keys and values of earlier tokens, so they are not computed again."""
+    `cache` (generation) keeps the keys and values of earlier tokens, so they are not computed again.
+    `scale` multiplies the scores (None: 1/sqrt(hs), the paper's)."""
     T = q.size(2)
     if cache is not None:
         if "k" in cache:
@@ -66,13 +73,13 @@ def causal_attention(q, k, v, cache, attention):
         cache["k"], cache["v"] = k, v
     if attention == "sdpa" and k.size(2) == T:
         # flash attention: the (T, T) attention matrix is never written to memory
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)  # (B, nh, T, hs)
     # each query sees the cached keys and the causal part of the new ones
     mask = torch.ones(T, k.size(2), dtype=torch.bool, device=q.device).tril(k.size(2) - T)
     if attention == "manual":  # the textbook way, written out: the speed ladder's baseline
-        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T_k)
+        att = (q @ k.transpose(-2, -1)) * (scale or 1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T_k)
         return F.softmax(att.masked_fill(~mask, float("-inf")), dim=-1) @ v  # (B, nh, T, hs)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 class CausalSelfAttention(nn.Module):
@@ -138,11 +145,13 @@ class GPT(nn.Module):
                 h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
                 ln_f=nn.LayerNorm(config.n_embd),
             ))
-        else:  # llama or modern (variants.py): rotary positions inside attention, so no wpe
+        else:  # llama, modern or simple (variants.py): rotary positions inside attention, so no wpe
             wte = nn.Embedding(config.vocab_size, config.n_embd)
             h, ln_f = variants.make_blocks(config, causal_attention)
             self.transformer = nn.ModuleDict(dict(wte=wte, h=h, ln_f=ln_f))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+            if config.embed_norm:
+                self.transformer["ln_e"] = variants.RMSNorm(config.n_embd, True, variants.norm_eps(config))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.bias)
         if config.untie_head:
             self.lm_head.ZERO_INIT = True  # every token starts equally likely
         else:
@@ -151,6 +160,8 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
+        if self.config.arch == "simple":  # the speedrun's reference init (variants.py)
+            return variants.init_simple(module)
         if isinstance(module, nn.Linear):
             std = 0.02
             if getattr(module, "RESIDUAL_SCALE_INIT", False):
@@ -174,6 +185,8 @@ class GPT(nn.Module):
         if "wpe" in self.transformer:  # learned positions (GPT-2); the variants rotate q and k instead
             pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T)
             x = x + self.transformer.wpe(pos)  # (B, T, n_embd) + (T, n_embd)
+        if "ln_e" in self.transformer:  # speedrun-simple: the embedding normalised
+            x = self.transformer.ln_e(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, caches[i] if caches else None)
         return self.transformer.ln_f(x)
@@ -183,11 +196,21 @@ class GPT(nn.Module):
         x = self.hidden_states(idx)
         if targets is not None and self.config.ce_chunk_rows:
             return None, speed.chunked_cross_entropy(x, self.lm_head.weight, targets, self.config.ce_chunk_rows)
-        logits = self.lm_head(x)  # (B, T, vocab_size)
+        logits = self.logits(x)  # (B, T, vocab_size)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
+
+    def logits(self, x):
+        """lm_head; with logit_softcap (speedrun-simple) squashed into (-cap, cap), in fp32, by cap * x / sqrt(x^2 +
+        cap^2): no logit runs away, yet small ones pass almost unchanged."""
+        logits = self.lm_head(x)
+        cap = self.config.logit_softcap
+        if cap:
+            logits = logits.float()
+            logits = cap * logits * torch.rsqrt(logits.square() + cap ** 2)
+        return logits
 
     @classmethod
     def from_pretrained(cls, name_or_path):
@@ -208,7 +231,7 @@ class GPT(nn.Module):
             raise UserError(f"{name_or_path}: the weights do not fit its config ({detail})") from None
         return model
 
-    def configure_optimizers(self, weight_decay, learning_rate, device_type, fused=None):
+    def configure_optimizers(self, weight_decay, learning_rate, device_type, fused=None, betas=(0.9, 0.95), eps=1e-8):
         """AdamW with decay on matrices (matmul weights, embeddings) only; biases and LayerNorm gains are left alone."""
         params = [p for p in self.parameters() if p.requires_grad]
         decay_params = [p for p in params if p.dim() >= 2]
@@ -221,7 +244,7 @@ class GPT(nn.Module):
         use_fused = (device_type == "cuda" if fused is None else fused) and \
             "fused" in inspect.signature(torch.optim.AdamW).parameters
         extra = {"fused": True} if use_fused else {}
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, **extra)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **extra)
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
@@ -242,7 +265,7 @@ class GPT(nn.Module):
         new = idx
         for _ in range(max_new_tokens):
             if use_cache:
-                logits = self.lm_head(self.hidden_states(new, caches)[:, -1, :])  # (B, vocab_size)
+                logits = self.logits(self.hidden_states(new, caches)[:, -1, :])  # (B, vocab_size)
             else:
                 logits = self(idx[:, -self.config.block_size:])[0][:, -1, :]
             probs = F.softmax(logits.float() / temperature, dim=-1)
@@ -445,6 +468,37 @@ def estimate_val_loss(model, val_batches, val_steps, device, autocast_ctx):
     return loss_accum
 
 
+def first_val_tokens(val_loader, n, vocab_size):
+    """--val_tokens: the val split's first n + 1 tokens (n predicted), across its shards if need be."""
+    parts, have = [], 0
+    for path in val_loader.shards:
+        parts.append(torch.from_numpy(load_tokens(path, vocab_size)[:n + 1 - have].astype(np.int64)))
+        have += len(parts[-1])
+        if have == n + 1:
+            return torch.cat(parts)
+    raise UserError(f"--val_tokens {n:,} needs {n + 1:,} val tokens and the val shards hold {have:,}; pass a "
+                    "smaller --val_tokens")
+
+
+def val_loss_over_tokens(model, tokens, B, T, compute):
+    """The mean loss over every token of `tokens` but the first, as the speedrun measures it: its T-token rows
+    shared out among the ranks, B at a time, each loss weighted by its tokens, summed over all ranks."""
+    n = len(tokens) - 1
+    rows = n // T
+    mine = range(compute.rank * rows // compute.world_size, (compute.rank + 1) * rows // compute.world_size)
+    loss_sum = torch.zeros((), device=compute.device, dtype=torch.float64)
+    for start in range(mine.start, mine.stop, B):
+        end = min(start + B, mine.stop)
+        x = tokens[start * T:end * T].view(-1, T).to(compute.device)
+        y = tokens[start * T + 1:end * T + 1].view(-1, T).to(compute.device)
+        with compute.autocast_ctx:
+            _, loss = model(x, y)
+        loss_sum += loss.detach().double() * y.numel()
+    if compute.ddp:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+    return loss_sum / n
+
+
 def sample_text(model, enc, prompt, num_samples, max_new_tokens, device, seed, temperature=1.0, top_k=50):
     """`num_samples` continuations of `prompt`, decoded; the same seed gives the same texts."""
     for texts in sample_stream(model, enc, prompt, num_samples, max_new_tokens, device, seed, temperature, top_k,
@@ -534,13 +588,14 @@ def train_step(run, step, stop_signals):
             loss = loss / run.grad_accum_steps
             loss_accum += loss.detach()
             loss.backward()
-    norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), args.grad_clip)
+    # the global gradient norm, clipped to --grad_clip (0: measured only, as the speedrun-simple recipe has it)
+    norm = torch.nn.utils.clip_grad_norm_(run.raw_model.parameters(), args.grad_clip or math.inf)
     lr = get_lr(step, args)
     for param_group in optimizer.param_groups:
         # one learning rate for every group (GPT-2's AdamW); with Muon each group has its share of it
         param_group["lr"] = lr * param_group.get("lr_scale", 1.0)
         if "momentum" in param_group:  # Muon's momentum warmup
-            param_group["momentum"] = variants.muon_momentum(step)
+            param_group["momentum"] = variants.muon_momentum(step, args.muon_momentum_warmup)
     optimizer.step()
     # stop and save requests made during the step travel with its loss: the step's one host sync
     stop = len(stop_signals) > 0
@@ -556,9 +611,12 @@ def evaluate(run, step):
     """Val loss, HellaSwag accuracy and (after step 0) samples; rank 0 prints and logs them."""
     args, compute = run.args, run.compute
     run.model.eval()
-    val_loss = estimate_val_loss(run.model, run.val_batches, args.val_steps, compute.device, compute.autocast_ctx)
-    if compute.ddp:
-        dist.all_reduce(val_loss, op=dist.ReduceOp.AVG)
+    if args.val_tokens:  # exactly the first --val_tokens tokens, whatever -B and the number of ranks
+        val_loss = val_loss_over_tokens(run.model, run.val_tokens, args.batch_size, args.seq_len, compute)
+    else:
+        val_loss = estimate_val_loss(run.model, run.val_batches, args.val_steps, compute.device, compute.autocast_ctx)
+        if compute.ddp:
+            dist.all_reduce(val_loss, op=dist.ReduceOp.AVG)
     run.val_loss = val_loss.item()
     run.metrics(step, **{"val/loss": run.val_loss})
     compute.print0(f"validation loss: {run.val_loss:.4f}")
@@ -753,6 +811,7 @@ class Run:
     val_batches: speed.DevicePrefetcher
     hella_model: hellaswag.Model
     enc: object  # GPT-2's tokenizer, for the samples
+    val_tokens: torch.Tensor  # --val_tokens's, or None
     grad_accum_steps: int
     start_step: int
     checkpointer: checkpoints.Checkpointer  # decides when to save, and saves
@@ -788,6 +847,7 @@ class Inputs:
     ckpt: dict
     notes: list
     data_identity: dict  # the shards' names, sizes and fingerprints, saved in checkpoints
+    val_tokens: torch.Tensor = None  # --val_tokens: the first val tokens, read once
 
 
 def check_inputs(args, compute):
@@ -799,9 +859,7 @@ def check_inputs(args, compute):
     # with -B auto, the data is checked at the smallest candidate and the loaders made again once B is known
     train_loader, val_loader = make_loaders(args, compute, candidates[-1])
     enc = load_eval_data(args)
-    config = GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer,
-                       n_head=args.n_head, n_embd=args.n_embd, arch=args.arch, untie_head=args.untie_head,
-                       attention=args.attention, ce_chunk_rows=args.chunked_ce)
+    config = gpt_config(args)
     ckpt = checkpoints.find_resume_checkpoint(args, "cpu")
     identity = checkpoints.data_identity({"train": train_loader, "val": val_loader})
     notes = []
@@ -810,7 +868,16 @@ def check_inputs(args, compute):
                  + checkpoints.check_same_data(ckpt, identity, args))
     if args.wandb and compute.master:
         common.import_wandb()  # installed? (before anything is written)
-    return Inputs(candidates, train_loader, val_loader, enc, config, ckpt, notes, identity)
+    val_tokens = first_val_tokens(val_loader, args.val_tokens, args.vocab_size) if args.val_tokens else None
+    return Inputs(candidates, train_loader, val_loader, enc, config, ckpt, notes, identity, val_tokens)
+
+
+def gpt_config(args):
+    """The model the flags describe."""
+    return GPTConfig(block_size=args.block_size, vocab_size=args.vocab_size, n_layer=args.n_layer, n_head=args.n_head,
+                     n_embd=args.n_embd, arch=args.arch, untie_head=args.untie_head, bias=args.bias, rotary=args.rotary,
+                     attn_scale=args.attn_scale, embed_norm=args.embed_norm, logit_softcap=args.logit_softcap,
+                     attention=args.attention, ce_chunk_rows=args.chunked_ce)
 
 
 def setup_run(args, compute, inputs, was_ours):
@@ -847,7 +914,7 @@ def setup_run(args, compute, inputs, was_ours):
     # HellaSwag batches vary in shape: a compiled graph of its own, with dynamic shapes, on the same weights
     hidden = torch.compile(raw_model.hidden_states, dynamic=True) if compute.use_compile else raw_model.hidden_states
     run = Run(args, compute, raw_model, model, optimizer, train_batches, val_batches,
-              hellaswag.Model(hidden, raw_model.lm_head, config.block_size), inputs.enc,
+              hellaswag.Model(hidden, raw_model.logits, config.block_size), inputs.enc, inputs.val_tokens,
               grad_accum_steps=accumulation_steps(args, compute, args.batch_size),
               start_step=start_step, checkpointer=checkpointer, log_file=log_file, val_loss=val_loss,
               flops_per_token=raw_model.flops_per_token(args.seq_len),
@@ -957,7 +1024,7 @@ def build_model(args, config, compute):
         optimizer = variants.muon_optimizers(raw_model, args, fused)
     else:
         optimizer = raw_model.configure_optimizers(args.weight_decay, args.max_lr, compute.device_type,
-                                                   args.fused_adamw)
+                                                   args.fused_adamw, args.adam_betas, args.adam_eps)
     model = torch.compile(raw_model, mode=args.compile_mode) if compute.use_compile else raw_model
     return raw_model, model, optimizer
 
@@ -980,7 +1047,8 @@ def describe_run(run, resumed_from, notes):
                    f"x {run.grad_accum_steps} accumulation steps")
     train_loader, val_loader = run.train_batches.loader, run.val_batches.loader
     compute.print0("data: random tokens (--synthetic)" if args.synthetic else
-                   f"train shards {len(train_loader.shards)}, val shards {len(val_loader.shards)} in {args.data_dir}")
+                   f"train shards {len(train_loader.shards)}, val shards {len(val_loader.shards)} in {args.data_dir}"
+                   + (f"; val loss over the first {args.val_tokens:,} val tokens" if args.val_tokens else ""))
     for path in train_loader.skipped + val_loader.skipped:
         compute.print0(f"note: skipping {path}: shorter than one batch of {B}x{T}x{W}+1 tokens")
     if run.peak_flops is None:
@@ -997,6 +1065,21 @@ def describe_run(run, resumed_from, notes):
 
 # -----------------------------------------------------------------------------
 # Flags and main
+
+
+def float_tuple(n):
+    def parse(value):
+        try:
+            values = tuple(common.finite_float(v) for v in value.split(","))
+        except argparse.ArgumentTypeError:
+            values = ()
+        if len(values) != n:
+            raise argparse.ArgumentTypeError(f"expected {n} comma-separated numbers, got {value!r}")
+        return values
+    return parse
+
+
+float_pair, float_triple = float_tuple(2), float_tuple(3)
 
 
 def micro_batch_size(value):
@@ -1044,6 +1127,9 @@ def add_recipe_flags(p):
     g = p.add_argument_group("evaluation and checkpoints")
     g.add_argument("--eval_every", type=int, default=250, help="val loss, HellaSwag and samples every N steps")
     g.add_argument("--val_steps", type=int, default=20, help="val batches per evaluation, per process")
+    g.add_argument("--val_tokens", type=int, default=0,
+                   help="instead: the val loss over exactly the first N val tokens (a multiple of -T), split "
+                        "across processes, the same whatever -B and their number (the speedrun's 10,485,760)")
     g.add_argument("--hellaswag", action=argparse.BooleanOptionalAction, default=True,
                    help="HellaSwag acc_norm at every evaluation, split across processes")
     g.add_argument("--hellaswag_limit", type=int, default=None, help="score only the first N val examples")
@@ -1074,17 +1160,40 @@ def add_variant_flags(p):
     g = p.add_argument_group("beyond GPT-2: architecture, optimizer, schedule (opt-in)")
     g.add_argument("--recipe", choices=list(variants.RECIPES), default="gpt2",
                    help="presets for the flags of this group and their learning rates: gpt2 (the defaults), llama "
-                        "(Llama blocks), speedrun (modded-nanogpt's modern blocks + Muon + WSD, 4578 steps)")
+                        "(Llama blocks), speedrun (modded-nanogpt's modern blocks + Muon + WSD, 4578 steps), "
+                        "speedrun-simple (its plain-PyTorch reference: 3250 steps, 1.70B tokens to val loss 3.28)")
     g.add_argument("--arch", choices=variants.ARCHS, default="gpt2",
-                   help="llama: RoPE, RMSNorm, SwiGLU; modern: RoPE, RMSNorm, QK-norm, ReLU^2, zero-init projections")
+                   help="llama: RoPE, RMSNorm, SwiGLU; modern: RoPE, RMSNorm, QK-norm, ReLU^2, zero-init projections; "
+                        "simple: modern with RMSNorm gains and the speedrun reference's init")
     g.add_argument("--untie_head", action=argparse.BooleanOptionalAction, default=False,
-                   help="llama/modern: lm_head its own matrix, zero at init")
+                   help="llama/modern/simple: lm_head its own matrix, zero at init")
+    g.add_argument("--bias", action=argparse.BooleanOptionalAction, default=False,
+                   help="llama/modern/simple: biases in every linear and the head")
+    g.add_argument("--rotary", choices=["full", "half"], default="full",
+                   help="half: the speedrun's half-truncated rotary (a quarter of the frequencies, 1 to 1/1024)")
+    g.add_argument("--attn_scale", type=common.finite_float, default=0.0,
+                   help="attention scores times this (0: 1/sqrt(head size)); the speedrun-simple's 0.12")
+    g.add_argument("--embed_norm", action=argparse.BooleanOptionalAction, default=False,
+                   help="llama/modern/simple: an RMSNorm right after the embedding")
+    g.add_argument("--logit_softcap", type=common.finite_float, default=0.0,
+                   help="logits squashed into (-cap, cap) by cap * x / sqrt(x^2 + cap^2) (0: off)")
     g.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
                    help="muon: Muon at --max_lr on the blocks' matrices, AdamW on embedding, head, norms, biases")
     g.add_argument("--adam_lr", type=common.finite_float, default=0.008,
                    help="muon: AdamW's peak lr for head, norms, biases")
     g.add_argument("--embed_lr", type=common.finite_float, default=0.6,
                    help="muon with --untie_head: the embedding's peak lr")
+    g.add_argument("--scalar_lr", type=common.finite_float, default=None,
+                   help="muon: AdamW's peak lr for gains and biases (default: --adam_lr)")
+    g.add_argument("--adam_weight_decay", type=common.finite_float, default=None,
+                   help="muon: AdamW's weight decay on all its groups (default: --weight_decay on 2-D ones only)")
+    g.add_argument("--adam_betas", type=float_pair, default=(0.9, 0.95), help="AdamW's betas, B1,B2")
+    g.add_argument("--adam_eps", type=common.finite_float, default=1e-8, help="AdamW's eps")
+    g.add_argument("--muon_ns_coefficients", type=float_triple, default=(3.4445, -4.775, 2.0315),
+                   help="muon: the Newton-Schulz iteration's A,B,C (torch.optim.Muon's default)")
+    g.add_argument("--muon_ns_steps", type=int, default=5, help="muon: Newton-Schulz iterations")
+    g.add_argument("--muon_momentum_warmup", type=int, default=300,
+                   help="muon: momentum from 0.85 up to 0.95 over this many steps (0: 0.95 throughout)")
     g.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine",
                    help="wsd: warmup, then --max_lr, then a linear cooldown to the min lr")
     g.add_argument("--cooldown_frac", type=common.finite_float, default=0.28,
@@ -1160,14 +1269,17 @@ def parse_args(argv=None):
         p.error(f"--warmup_steps {args.warmup_steps} must be below --max_steps {args.max_steps}")
     if args.warmup_steps < 0:
         p.error(f"--warmup_steps must be >= 0, got {args.warmup_steps}")
-    if args.untie_head and args.arch == "gpt2":
-        p.error("--untie_head is for --arch llama or modern; GPT-2 ties its head to the embedding")
+    if args.arch == "gpt2" and (args.untie_head or args.bias or args.embed_norm or args.rotary != "full"):
+        p.error("--untie_head, --bias, --embed_norm and --rotary are for --arch llama, modern or simple; GPT-2 ties "
+                "its head, has biases and learned positions")
     if args.adam_lr <= 0 or args.embed_lr <= 0 or not 0 < args.cooldown_frac <= 1:
         p.error("--adam_lr and --embed_lr must be positive, --cooldown_frac within (0, 1]")
     if args.max_lr <= 0 or not 0 <= args.min_lr_ratio <= 1:
         p.error("--max_lr must be positive and --min_lr_ratio within [0, 1]")
-    if args.weight_decay < 0 or args.grad_clip <= 0:
-        p.error("--weight_decay must be >= 0 and --grad_clip positive (a negative clip would turn the gradient around)")
+    if args.weight_decay < 0 or args.grad_clip < 0:
+        p.error("--weight_decay must be >= 0 and --grad_clip >= 0 (0: no clipping; a negative clip would turn the "
+                "gradient around)")
+    check_variant_flags(p, args)
     if args.n_embd % args.n_head != 0:
         p.error(f"--n_embd {args.n_embd} must be a multiple of --n_head {args.n_head}")
     if args.seed < 0 or (args.peak_tflops is not None and args.peak_tflops <= 0):
@@ -1181,8 +1293,22 @@ def parse_args(argv=None):
     if args.preflight and args.benchmark:
         p.error("--preflight measures speed too, and runs every phase; drop --benchmark")
     if args.benchmark:  # speed only: nothing read from or written to disk, nothing but training steps
-        args.synthetic, args.hellaswag, args.sample, args.resume = True, False, False, "none"
+        args.synthetic, args.hellaswag, args.sample, args.resume, args.val_tokens = True, False, False, "none", 0
     return args
+
+
+def check_variant_flags(p, args):
+    """The flags beyond GPT-2's that only make sense together, and the val_tokens arithmetic."""
+    if args.attn_scale < 0 or args.logit_softcap < 0 or args.adam_eps <= 0 or args.muon_ns_steps < 1:
+        p.error("--attn_scale and --logit_softcap must be >= 0, --adam_eps positive, --muon_ns_steps >= 1")
+    if args.chunked_ce and (args.logit_softcap or args.bias):
+        p.error("--chunked_ce computes lm_head's matmul alone: it has no --logit_softcap or head --bias; drop one")
+    if not all(0 <= b < 1 for b in args.adam_betas) or args.muon_momentum_warmup < 0:
+        p.error("--adam_betas must be within [0, 1), --muon_momentum_warmup >= 0")
+    if (args.scalar_lr is not None and args.scalar_lr <= 0) or (args.adam_weight_decay or 0) < 0:
+        p.error("--scalar_lr must be positive, --adam_weight_decay >= 0")
+    if args.val_tokens < 0 or args.val_tokens % args.seq_len:
+        p.error(f"--val_tokens {args.val_tokens} must be a multiple of -T {args.seq_len} (whole sequences), or 0")
 
 
 def out_of_memory_error(args, e):

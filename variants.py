@@ -7,6 +7,9 @@ the lecture has them.
     llama   RoPE, RMSNorm with a weight, a SwiGLU MLP (8/3 n_embd, rounded up to 64), no biases
     modern  RoPE, RMSNorm without weights, QK-norm, a ReLU^2 MLP, zero-initialised output projections
             (the speedrun's record of 2024-10-14, "ModernArch"; its untied, zero head with --untie_head)
+    simple  modern's blocks with RMSNorm gains and the speedrun's plain-PyTorch reference init (embedding
+            N(0, 1), matrices N(0, 0.33 / fan_in), projections zero); with --recipe speedrun-simple also
+            biases, half-truncated rotary, attention scale 0.12, an embedding norm and soft-capped logits
 
 Neither has learned positions: rotary embeddings turn each query and key by an angle that grows with
 its position, so attention scores depend on how far apart two tokens are.
@@ -20,35 +23,49 @@ from torch.nn import functional as F
 
 from machinery.common import UserError
 
-ARCHS = ("gpt2", "llama", "modern")
+ARCHS = ("gpt2", "llama", "modern", "simple")
 ROPE_THETA = 10000.0
 RMS_EPS = 1e-6  # LlamaConfig's rms_norm_eps, so that an export computes the same function
-# the speedrun's later records warm Muon's momentum up from 0.85 to 0.95 over their first 300 steps
-MUON_MOMENTUM = (0.85, 0.95, 300)
+# the speedrun's later records warm Muon's momentum up from 0.85 to 0.95 (over --muon_momentum_warmup steps)
+MUON_MOMENTUM = (0.85, 0.95)
 
 
 # -----------------------------------------------------------------------------
 # The blocks
 
 
-class RMSNorm(nn.Module):
-    """x / rms(x), times a learned gain (llama) or not (modern): no mean subtracted, no bias."""
+def norm_eps(config):
+    """simple: F.rms_norm's own epsilon (the dtype's), as the reference; llama and modern: Llama's."""
+    return None if config.arch == "simple" else RMS_EPS
 
-    def __init__(self, n_embd, weight):
+
+class RMSNorm(nn.Module):
+    """x / rms(x), times a learned gain (llama, simple) or not (modern): no mean subtracted, no bias."""
+
+    def __init__(self, n_embd, weight, eps=RMS_EPS):
         super().__init__()
-        self.n_embd = n_embd
+        self.n_embd, self.eps = n_embd, eps
         self.weight = nn.Parameter(torch.ones(n_embd)) if weight else None
 
     def forward(self, x):
-        return F.rms_norm(x, (self.n_embd,), self.weight, RMS_EPS)
+        return F.rms_norm(x, (self.n_embd,), self.weight, self.eps)
 
 
-def rotary_tables(head_size, block_size):
-    """cos and sin, (block_size, hs): position t turns the pair of channels (i, i + hs/2) by t * theta^(-2i/hs)."""
-    inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, head_size, 2, dtype=torch.float32) / head_size))
-    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)  # (block_size, hs/2)
+def rotary_tables(head_size, block_size, variant="full"):
+    """
+    cos and sin, (block_size, hs): position t turns the pair of channels (i, i + hs/2) by t * freq_i.
+    full: freq_i = theta^(-2i/hs), Llama's. half (the speedrun's): hs/4 frequencies from 1 down to 1/1024, and
+    the other hs/4 pairs do not turn; turned the other way round, as the reference writes its rotation.
+    """
+    cpu = dict(dtype=torch.float32, device="cpu")  # computed on the CPU, even for a model made on the meta device
+    if variant == "half":
+        turning = (1 / 1024) ** torch.linspace(0, 1, steps=head_size // 4, **cpu)
+        inv_freq = torch.cat((turning, torch.zeros(head_size // 2 - head_size // 4, **cpu)))
+    else:
+        inv_freq = 1.0 / (ROPE_THETA ** (torch.arange(0, head_size, 2, **cpu) / head_size))
+    angles = torch.outer(torch.arange(block_size, **cpu), inv_freq)  # (block_size, hs/2)
     angles = torch.cat((angles, angles), dim=-1)  # the half-split layout transformers' Llama uses
-    return angles.cos(), angles.sin()
+    return angles.cos(), angles.sin() if variant != "half" else -angles.sin()
 
 
 def apply_rotary(x, cos, sin):
@@ -65,15 +82,18 @@ class RotaryAttention(nn.Module):
         super().__init__()
         if config.n_embd % config.n_head != 0:
             raise UserError(f"n_embd ({config.n_embd}) must be a multiple of n_head ({config.n_head})")
-        C = config.n_embd
+        C, bias = config.n_embd, config.bias
+        if config.rotary == "half" and (C // config.n_head) % 4:
+            raise UserError(f"--rotary half needs a head size (n_embd / n_head = {C // config.n_head}) divisible by 4")
         # q, k and v apart: Muon orthogonalises each matrix on its own, and Llama keeps them apart too
-        self.c_q, self.c_k, self.c_v = (nn.Linear(C, C, bias=False) for _ in range(3))
-        self.c_proj = nn.Linear(C, C, bias=False)
+        self.c_q, self.c_k, self.c_v = (nn.Linear(C, C, bias=bias) for _ in range(3))
+        self.c_proj = nn.Linear(C, C, bias=bias)
         self.c_proj.RESIDUAL_SCALE_INIT = True
-        self.c_proj.ZERO_INIT = config.arch == "modern"
-        self.n_head, self.qk_norm = config.n_head, config.arch == "modern"
+        self.c_proj.ZERO_INIT = config.arch in ("modern", "simple")
+        self.n_head, self.qk_norm, self.eps = config.n_head, config.arch in ("modern", "simple"), norm_eps(config)
         self.attend, self.attention = attend, config.attention  # train_gpt2's causal_attention: one for all archs
-        cos, sin = rotary_tables(C // config.n_head, config.block_size)
+        self.scale = config.attn_scale or None  # None: 1/sqrt(hs)
+        cos, sin = rotary_tables(C // config.n_head, config.block_size, config.rotary)
         self.register_buffer("cos", cos, persistent=False)  # computed, never saved
         self.register_buffer("sin", sin, persistent=False)
 
@@ -84,11 +104,11 @@ class RotaryAttention(nn.Module):
         k = self.c_k(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = self.c_v(x).view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         if self.qk_norm:  # bounds the attention logits, which lets Muon's larger steps through
-            q, k = F.rms_norm(q, (hs,), eps=RMS_EPS), F.rms_norm(k, (hs,), eps=RMS_EPS)
+            q, k = F.rms_norm(q, (hs,), eps=self.eps), F.rms_norm(k, (hs,), eps=self.eps)
         start = cache["k"].size(2) if cache else 0  # generation: the new tokens come after the cached ones
         cos, sin = self.cos[start:start + T], self.sin[start:start + T]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = self.attend(q, k, v, cache, self.attention)  # (B, nh, T, hs)
+        y = self.attend(q, k, v, cache, self.attention, self.scale)  # (B, nh, T, hs)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
@@ -117,8 +137,8 @@ class ReLU2MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.c_proj.ZERO_INIT = True
 
     def forward(self, x):
@@ -130,10 +150,10 @@ class Block(nn.Module):
 
     def __init__(self, config, attend):
         super().__init__()
-        gain = config.arch == "llama"
-        self.ln_1 = RMSNorm(config.n_embd, gain)
+        gain = config.arch in ("llama", "simple")
+        self.ln_1 = RMSNorm(config.n_embd, gain, norm_eps(config))
         self.attn = RotaryAttention(config, attend)
-        self.ln_2 = RMSNorm(config.n_embd, gain)
+        self.ln_2 = RMSNorm(config.n_embd, gain, norm_eps(config))
         self.mlp = SwiGLU(config) if config.arch == "llama" else ReLU2MLP(config)
 
     def forward(self, x, cache=None):
@@ -147,7 +167,22 @@ def make_blocks(config, attend):
     if config.arch not in ARCHS[1:]:
         raise UserError(f"unknown arch {config.arch!r}: one of {', '.join(ARCHS)}")
     blocks = nn.ModuleList([Block(config, attend) for _ in range(config.n_layer)])
-    return blocks, RMSNorm(config.n_embd, config.arch == "llama")
+    return blocks, RMSNorm(config.n_embd, config.arch in ("llama", "simple"), norm_eps(config))
+
+
+def init_simple(module):
+    """The speedrun's plain-PyTorch reference init, for --arch simple: the embedding N(0, 1), every matrix
+    N(0, 0.33 / fan_in) except the projections into the residual stream and the head (zero), biases zero
+    (gains are made as ones)."""
+    if isinstance(module, nn.Linear):
+        if getattr(module, "ZERO_INIT", False):
+            nn.init.zeros_(module.weight)
+        else:
+            nn.init.normal_(module.weight, std=(0.33 / module.in_features) ** 0.5)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=1.0)
 
 
 # -----------------------------------------------------------------------------
@@ -191,8 +226,9 @@ def muon_optimizers(model, args, fused):
     """
     Muon (Newton-Schulz orthogonalised momentum) on the 2-D matrices inside the blocks at --max_lr; AdamW
     on the rest: the embedding at --embed_lr when the head is untied, else with the head at --adam_lr, and
-    the norms' gains, biases and head at --adam_lr. Each group's "lr_scale" is its share of --max_lr, so
-    the schedule scales every group alike. Weight decay (--weight_decay) on 2-D tensors only, as in GPT-2's.
+    the norms' gains and biases at --scalar_lr (default --adam_lr). Each group's "lr_scale" is its share of
+    --max_lr, so the schedule scales every group alike. Weight decay: --weight_decay on Muon's matrices, and
+    on AdamW's 2-D tensors only (as in GPT-2's), unless --adam_weight_decay sets AdamW's for all its groups.
     """
     if not hasattr(torch.optim, "Muon"):
         raise UserError(f"--optimizer muon needs torch.optim.Muon, in torch 2.9 and later (this is "
@@ -207,22 +243,26 @@ def muon_optimizers(model, args, fused):
     def group(ps, lr, decay):
         return {"params": ps, "lr": lr, "lr_scale": lr / args.max_lr, "weight_decay": decay}
 
-    adam_groups = [group([p for p in rest if p.dim() >= 2], args.adam_lr, args.weight_decay),
-                   group([p for p in rest if p.dim() < 2], args.adam_lr, 0.0)]
+    matrix_decay = args.weight_decay if args.adam_weight_decay is None else args.adam_weight_decay
+    scalar_decay = 0.0 if args.adam_weight_decay is None else args.adam_weight_decay
+    adam_groups = [group([p for p in rest if p.dim() >= 2], args.adam_lr, matrix_decay),
+                   group([p for p in rest if p.dim() < 2], args.scalar_lr or args.adam_lr, scalar_decay)]
     if untied:
-        adam_groups.insert(0, group([wte], args.embed_lr, args.weight_decay))
+        adam_groups.insert(0, group([wte], args.embed_lr, matrix_decay))
     adam_groups = [g for g in adam_groups if g["params"]]
-    adamw = torch.optim.AdamW(adam_groups, betas=(0.9, 0.95), eps=1e-8, **({"fused": True} if fused else {}))
+    adamw = torch.optim.AdamW(adam_groups, betas=args.adam_betas, eps=args.adam_eps,
+                              **({"fused": True} if fused else {}))
     # adjust_lr_fn "original": each update scaled by sqrt(max(1, rows / cols)), as in the speedrun
     muon = torch.optim.Muon([group(matrices, args.max_lr, args.weight_decay)], momentum=MUON_MOMENTUM[1],
-                            nesterov=True, adjust_lr_fn="original")
+                            nesterov=True, ns_coefficients=args.muon_ns_coefficients, ns_steps=args.muon_ns_steps,
+                            adjust_lr_fn="original")
     return Optimizers(adamw=adamw, muon=muon)
 
 
-def muon_momentum(step):
-    """Muon's momentum at this step: warmed up linearly, then constant."""
-    start, end, steps = MUON_MOMENTUM
-    frac = min(step / steps, 1.0)
+def muon_momentum(step, warmup_steps):
+    """Muon's momentum at this step: warmed up linearly over warmup_steps (0: none), then constant."""
+    start, end = MUON_MOMENTUM
+    frac = min(step / warmup_steps, 1.0) if warmup_steps else 1.0
     return (1 - frac) * start + frac * end
 
 
@@ -257,4 +297,18 @@ RECIPES = {
     "speedrun": {"arch": "modern", "untie_head": True, "optimizer": "muon", "schedule": "wsd", "max_lr": 0.05,
                  "embed_lr": 0.6, "adam_lr": 0.008, "warmup_steps": 0, "cooldown_frac": 0.28, "min_lr_ratio": 0.0,
                  "weight_decay": 0.0, "max_steps": 4578},
+    # the speedrun's plain-PyTorch reference, records/track_3_optimization/train_gpt_simple.py (2026-06-20):
+    # 3250 steps of 2**19 tokens = 1.70B tokens to val loss 3.28 on FineWeb. 6 heads of 128, biases, RMSNorm
+    # gains, half-truncated rotary, attention scale 0.12, an embedding norm, logits soft-capped at 15; Muon at
+    # 0.025 (weight decay 0.05, Newton-Schulz (2, -1.5, 0.5) x 12, momentum 0.95 throughout), AdamW (0.8, 0.95),
+    # eps 1e-10, decay 0.001 at 0.7 (embedding), 0.004 (head) and 0.015 (gains, biases); constant for 30% of
+    # the steps, then down to zero; no clipping; val loss on the first 20 x 2**19 val tokens every 125 steps
+    "speedrun-simple": {"arch": "simple", "n_head": 6, "bias": True, "rotary": "half", "attn_scale": 0.12,
+                        "embed_norm": True, "logit_softcap": 15.0, "untie_head": True, "optimizer": "muon",
+                        "max_lr": 0.025, "weight_decay": 0.05, "muon_ns_coefficients": (2.0, -1.5, 0.5),
+                        "muon_ns_steps": 12, "muon_momentum_warmup": 0, "embed_lr": 0.7, "adam_lr": 0.004,
+                        "scalar_lr": 0.015, "adam_betas": (0.8, 0.95), "adam_eps": 1e-10,
+                        "adam_weight_decay": 0.001, "schedule": "wsd", "warmup_steps": 0, "cooldown_frac": 0.7,
+                        "min_lr_ratio": 0.0, "grad_clip": 0.0, "max_steps": 3250, "eval_every": 125,
+                        "val_tokens": 20 * 2**19},
 }

@@ -49,7 +49,7 @@ def main(argv=None):
     device_type = device.split(":")[0]
     torch.manual_seed(0)
     gpt = GPT(GPTConfig(vocab_size=50304, **SIZES[args.size])).to(device).eval()
-    model = hellaswag.Model(gpt.hidden_states, gpt.lm_head, gpt.config.block_size)
+    model = hellaswag.Model(gpt.hidden_states, gpt.logits, gpt.config.block_size)
     autocast = torch.autocast(device_type, dtype=torch.bfloat16) if args.dtype == "bf16" else None
     limit = args.limit or None
     name = torch.cuda.get_device_name() if device_type == "cuda" else platform.processor() or platform.machine()
@@ -60,7 +60,7 @@ def main(argv=None):
     runs = {}
     for label, batch_tokens, m in [("one at a time", 0, model), ("batched", args.batch_tokens, model)] + (
             [("batched+compile", args.batch_tokens,
-              hellaswag.Model(torch.compile(gpt.hidden_states, dynamic=True), gpt.lm_head, gpt.config.block_size))]
+              hellaswag.Model(torch.compile(gpt.hidden_states, dynamic=True), gpt.logits, gpt.config.block_size))]
             if args.compile else []):
         if label.endswith("compile"):  # the first call compiles: not part of the timing
             hellaswag.evaluate(m, device, limit=limit, batch_tokens=batch_tokens, autocast_ctx=autocast)

@@ -11,7 +11,7 @@
 #                                      # attention, compile modes, then the speed ladder
 #   bash benchmarks/gpu.sh eval        # HellaSwag: all 10,042 val examples, 124M, bf16, compiled
 #   bash benchmarks/gpu.sh side        # build-nanogpt's own script against this one, same shards
-#   bash benchmarks/gpu.sh recipes     # --recipe gpt2, llama, speedrun at 124M on the novels: val loss at
+#   bash benchmarks/gpu.sh recipes     # --recipe gpt2, llama, speedrun, speedrun-simple at 124M on the novels: val loss at
 #                                      # equal tokens (7.9M each, one learning rate each)
 #
 # Logs go to $OUT (or gpu_results/), one file per stage, and a line per measurement to summary.txt.
@@ -92,6 +92,6 @@ case "$STAGE" in
     recipes)
         timeout 580 $PY benchmarks/recipes.py --data_dir .gpu/novels --size 124M --device cuda --steps 60 \
             --batch 131072 -B 32 -T 1024 --val_steps 20 --factors 1 --budgets 1 2>&1 | tee "$OUT/recipes.log" | tail -6
-        note "recipes: $(grep -E '^\| (gpt2|llama|speedrun) ' "$OUT/recipes.log" | tr '\n' ' ')" ;;
+        note "recipes: $(grep -E '^\| (gpt2|llama|speedrun|speedrun-simple) ' "$OUT/recipes.log" | tr '\n' ' ')" ;;
     *) echo "unknown stage $STAGE"; exit 2 ;;
 esac

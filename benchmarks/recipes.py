@@ -1,5 +1,6 @@
 """
-The recipes against each other (--recipe gpt2, llama, speedrun): validation loss per token budget, at a
+The recipes against each other (--recipe gpt2, llama, speedrun, speedrun-simple): validation loss per token
+budget, at a
 scale where each run takes a minute or two on a CPU, or with --size 124M on GPUs.
 
 Every arm trains to each token budget in a run of its own, so each run's schedule ends at its own
@@ -27,26 +28,28 @@ import tempfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = {"proxy": ["--n_layer", "4", "--n_head", "4", "--n_embd", "64", "--block_size", "64"],
          "124M": []}
-ARMS = ("gpt2", "llama", "speedrun")
+ARMS = ("gpt2", "llama", "speedrun", "speedrun-simple")
 LR_FLAGS = {"gpt2": {"max_lr": 6e-4}, "llama": {"max_lr": 6e-4},
-            "speedrun": {"max_lr": 0.05, "adam_lr": 0.008, "embed_lr": 0.6}}
+            "speedrun": {"max_lr": 0.05, "adam_lr": 0.008, "embed_lr": 0.6},
+            "speedrun-simple": {"max_lr": 0.025, "embed_lr": 0.7, "adam_lr": 0.004, "scalar_lr": 0.015}}
 # learning-rate factors swept per arm: a tiny model takes larger AdamW steps than GPT-2 124M's
-FACTORS = {"gpt2": (1, 3, 10), "llama": (1, 3, 10), "speedrun": (0.5, 1, 2)}
+FACTORS = {"gpt2": (1, 3, 10), "llama": (1, 3, 10), "speedrun": (0.5, 1, 2), "speedrun-simple": (0.5, 1, 2)}
 BUDGETS = (0.25, 0.5, 1.0)  # shares of the full token budget, each its own run
 
 
 def train(arm, factor, steps, args, log_root):
     """One run to `steps` steps; returns its final val loss."""
     log_dir = os.path.join(log_root, f"{arm}_{factor}_{steps}")
-    # warmup: GPT-2's 715 of 19,073 steps, in proportion (the speedrun preset has none)
-    warmup = 0 if arm == "speedrun" else max(1, round(steps * 715 / 19073))
+    # warmup: GPT-2's 715 of 19,073 steps, in proportion (the speedrun presets have none)
+    warmup = 0 if arm.startswith("speedrun") else max(1, round(steps * 715 / 19073))
     lrs = [x for flag, lr in LR_FLAGS[arm].items() for x in (f"--{flag}", f"{lr * factor:g}")]
     launcher = [sys.executable] if args.nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
     cmd = [*launcher, os.path.join(REPO, "train_gpt2.py"), "--recipe", arm, "--data_dir", args.data_dir,
            "--log_dir", log_dir, *SIZES[args.size], "-B", str(args.B), "-T", str(args.T),
            "--total_batch_size", str(args.batch), "--max_steps", str(steps), "--warmup_steps", str(warmup),
-           "--eval_every", str(steps), "--val_steps", str(args.val_steps), "--no-hellaswag", "--no-sample",
+           "--eval_every", str(steps), "--val_steps", str(args.val_steps), "--val_tokens", "0",  # one val set
+           "--no-hellaswag", "--no-sample",
            "--save_every", "0", "--checkpoint_every", str(10 * steps), "--seed", str(args.seed), *lrs]
     if args.device:
         cmd += ["--device", args.device, "--dtype", "fp32" if args.device == "cpu" else "bf16"]

@@ -5,7 +5,8 @@ Weights between train_gpt2.py's GPT and transformers, both ways: --arch gpt2 as 
 Reading: OpenAI's released GPT-2s (gpt2 ... gpt2-xl) or any save_pretrained folder of a GPT-2 or of a
 Llama this repo exported, as a GPTConfig's fields and a state dict that GPT.load_state_dict takes.
 Writing: a GPT as a transformers folder with GPT-2's tokenizer files beside it, which transformers,
-lm-evaluation-harness and the hub read. --arch modern has no stock transformers class and is refused.
+lm-evaluation-harness and the hub read. --arch modern and simple have no stock transformers class and
+are refused.
 """
 
 import json
@@ -126,9 +127,13 @@ def export_to_transformers(model, out_dir, vocab_size=50257):
 
 def check_exportable(cfg, vocab_size):
     """Refuse, in one line, a model that no stock transformers class computes exactly."""
-    if cfg.arch == "modern":
-        raise UserError("--arch modern has no stock transformers class that computes it exactly (QK-norm on each "
-                        "head, weightless RMSNorm and a ReLU^2 MLP together); export --arch gpt2 or llama models")
+    if cfg.arch in ("modern", "simple"):
+        raise UserError(f"--arch {cfg.arch} has no stock transformers class that computes it exactly (QK-norm on "
+                        "each head and a ReLU^2 MLP together); export --arch gpt2 or llama models")
+    if cfg.arch == "llama" and (cfg.bias or cfg.embed_norm or cfg.logit_softcap or cfg.attn_scale or
+                                cfg.rotary != "full"):
+        raise UserError("this --arch llama model has knobs beyond Llama's (--bias, --embed_norm, --logit_softcap, "
+                        "--attn_scale or --rotary half) that LlamaForCausalLM does not compute; it cannot be exported")
     if cfg.vocab_size < vocab_size:
         raise UserError(f"the model's vocabulary ({cfg.vocab_size}) is smaller than GPT-2's tokenizer's ({vocab_size})")
 

@@ -138,18 +138,30 @@ OLD_LAYOUT_RUN = ["--n_layer", 1, "--n_head", 2, "--n_embd", 8, "--block_size", 
                   "--no-hellaswag", "--no-sample", "--seed", 5]
 
 
+# the model config's fields added since each fixture was written, and the values they take on resume
+SPEEDRUN_SIMPLE_FIELDS = {"bias": False, "rotary": "full", "attn_scale": 0.0, "embed_norm": False,
+                          "logit_softcap": 0.0}
+FIXTURE_RUNS = {"old_layout": ([], {"arch": "gpt2", "untie_head": False, **SPEEDRUN_SIMPLE_FIELDS}),
+                "llama": (["--recipe", "llama"], SPEEDRUN_SIMPLE_FIELDS),
+                "speedrun": (["--recipe", "speedrun"], SPEEDRUN_SIMPLE_FIELDS)}
+
+
 @pytest.mark.slow
-def test_checkpoint_from_before_the_split_resumes(tmp_path):
-    """tests/fixtures holds ckpt_00006.pt and the whole run's log.txt, both written by train_gpt2.py as it
-    was before the recipe and its machinery were split (commit de45c53). Resumed by today's code, the run
-    writes that log again, and today's checkpoints keep the same layout."""
+@pytest.mark.parametrize("fixture", list(FIXTURE_RUNS))
+def test_checkpoint_from_before_the_split_resumes(fixture, tmp_path):
+    """tests/fixtures holds ckpt_00006.pt and the whole run's log.txt of one run, written by train_gpt2.py as
+    it was before the recipe and its machinery were split (commit de45c53), and of the same run with --recipe
+    llama and speedrun, written before the model config gained speedrun-simple's fields (commit c9c8d83).
+    Resumed by today's code with the same command, each run writes its log again, and today's checkpoints keep
+    the same layout."""
+    flags, added = FIXTURE_RUNS[fixture]
     data, log_dir = tmp_path / "shards", tmp_path / "run"
     write_old_layout_shards(data)
     os.makedirs(log_dir)
-    shutil.copy(os.path.join(FIXTURES, "old_layout_ckpt_00006.pt"), log_dir / "ckpt_00006.pt")
-    with open(os.path.join(FIXTURES, "old_layout_log.txt")) as f:  # as if killed during step 8
+    shutil.copy(os.path.join(FIXTURES, f"{fixture}_ckpt_00006.pt"), log_dir / "ckpt_00006.pt")
+    with open(os.path.join(FIXTURES, f"{fixture}_log.txt")) as f:  # as if killed during step 8
         (log_dir / "log.txt").write_text("".join(line for line in f if int(line.split()[0]) < 8))
-    proc = run_script("train_gpt2.py", "--data_dir", data, "--log_dir", log_dir, *OLD_LAYOUT_RUN)
+    proc = run_script("train_gpt2.py", "--data_dir", data, "--log_dir", log_dir, *OLD_LAYOUT_RUN, *flags)
     assert proc.returncode == 0, proc.stderr
     assert "resuming at step 6" in proc.stdout
 
@@ -157,7 +169,7 @@ def test_checkpoint_from_before_the_split_resumes(tmp_path):
         with open(path) as f:
             return [line.split() for line in f]
 
-    got, want = rows(log_dir / "log.txt"), rows(os.path.join(FIXTURES, "old_layout_log.txt"))
+    got, want = rows(log_dir / "log.txt"), rows(os.path.join(FIXTURES, f"{fixture}_log.txt"))
     assert [r[:2] for r in got] == [r[:2] for r in want]
     # byte-identical on the machine that wrote the fixture; a tolerance for other CPUs' last bits
     for (step, kind, value), (_, _, old) in zip(got, want):
@@ -166,8 +178,8 @@ def test_checkpoint_from_before_the_split_resumes(tmp_path):
     old, new = load_checkpoint(log_dir / "ckpt_00006.pt"), load_checkpoint(log_dir / "model_00011.pt")
     # what was saved is saved as it was; later versions only add (data fingerprints, a checksum)
     assert set(old) <= set(new) and {k: new["config"][k] for k in old["config"]} == old["config"]
-    # fields GPTConfig gained since (issue 11's arch) were filled with their defaults on resume
-    assert {k: v for k, v in new["config"].items() if k not in old["config"]} == {"arch": "gpt2", "untie_head": False}
+    # fields GPTConfig gained since (issue 11's arch, issue 24's knobs) were filled with their defaults on resume
+    assert {k: v for k, v in new["config"].items() if k not in old["config"]} == added
     assert set(new["data"]["train"]) == set(old["data"]["train"]) and set(new["rng"]) == set(old["rng"])
     model = GPT.from_pretrained(str(log_dir / "ckpt_00006.pt"))
     assert model.config.n_embd == 8 and model.config.vocab_size == 64

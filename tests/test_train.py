@@ -49,7 +49,9 @@ def test_checkpoints_hold_model_config_step_and_val_loss(shakespeare_run):
     assert sorted(os.listdir(log_dir)) == ["log.txt", "model_00020.pt", "model_00039.pt", "train_gpt2.lock"]
     ckpt = torch.load(os.path.join(log_dir, "model_00039.pt"), map_location="cpu", weights_only=True)
     assert ckpt["step"] == 39 and ckpt["config"] == dict(block_size=64, vocab_size=50304, n_layer=2, n_head=2,
-                                                         n_embd=64, arch="gpt2", untie_head=False)
+                                                         n_embd=64, arch="gpt2", untie_head=False, bias=False,
+                                                         rotary="full", attn_scale=0.0, embed_norm=False,
+                                                         logit_softcap=0.0)
     assert ckpt["val_loss"] == pytest.approx(read_log(os.path.join(log_dir, "log.txt"))["val"][39], abs=1e-4)
     model = train_gpt2.GPT.from_pretrained(os.path.join(log_dir, "model_00039.pt"))
     assert torch.equal(model.lm_head.weight, ckpt["model"]["lm_head.weight"])
@@ -192,7 +194,7 @@ def test_flag_values_are_checked_before_anything_is_written(tmp_path, shakespear
            ("--max_lr", "inf"): "expected a finite number, got 'inf'",
            ("--min_lr_ratio", "nan"): "expected a finite number",
            ("--save_every_minutes", "inf"): "expected a finite number",
-           ("--grad_clip", "-1"): "--grad_clip positive",
+           ("--grad_clip", "-1"): "--grad_clip >= 0 (0: no clipping",
            ("--weight_decay", "-0.1"): "--weight_decay must be >= 0",
            ("--seed", "-1"): "--seed must be >= 0",
            ("--n_head", "3"): "--n_embd 64 must be a multiple of --n_head 3"}
