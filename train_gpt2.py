@@ -682,9 +682,12 @@ def check_finite(run, step, loss, norm):
     """Stop a diverged run here, on every rank alike (the loss is all-reduced, the norm the same everywhere),
     before a non-finite state can be evaluated, saved, or rotate a healthy checkpoint out."""
     if not (math.isfinite(loss) and math.isfinite(norm)):
-        raise UserError(f"the run diverged at step {step} (loss {loss}, gradient norm {norm}) and stopped; nothing "
-                        f"from that step on was saved: lower --max_lr (now {run.args.max_lr}) or lengthen "
-                        "--warmup_steps, then rerun to resume from the last checkpoint")
+        message = (f"the run diverged at step {step} (loss {loss}, gradient norm {norm}); nothing from that step on "
+                   f"was saved: lower --max_lr (now {run.args.max_lr}) or lengthen --warmup_steps, then rerun to "
+                   "resume from the last checkpoint")
+        if run.log_file:  # rank 0: a restart of the same command refuses at once (exit 3)
+            checkpoints.mark_diverged(run.args.log_dir, message)
+        raise common.RunDiverged(message)
 
 
 def report_step(run, step, loss, lr, norm, dt):
@@ -786,6 +789,7 @@ def compute_init(args):
     if ddp and device_type == "mps":
         raise UserError("torchrun with several processes is not supported on MPS; run `python train_gpt2.py`")
     if ddp:
+        runtime.check_restartable()
         common.exit_with_parent(f"rank {rank}")  # a kill -9 of torchrun must not leave this rank training
     device = runtime.process_device(args.device, device_type, local_rank, ddp)
     if device_type == "cuda":
@@ -860,6 +864,7 @@ def check_inputs(args, compute):
     train_loader, val_loader = make_loaders(args, compute, candidates[-1])
     enc = load_eval_data(args)
     config = gpt_config(args)
+    checkpoints.check_not_diverged(args)
     ckpt = checkpoints.find_resume_checkpoint(args, "cpu")
     identity = checkpoints.data_identity({"train": train_loader, "val": val_loader})
     notes = []
@@ -1335,6 +1340,9 @@ def main(argv=None):
     except UserError as e:
         if dist.is_initialized():
             runtime.tell_other_ranks(str(e))
+        if e.exit_code != 1:  # 3: the run diverged (common.RunDiverged), which a restart loop should not rerun
+            print(f"train_gpt2.py: error: {e}", file=sys.stderr)
+            sys.exit(e.exit_code)
         sys.exit(f"train_gpt2.py: error: {e}")
     except KeyboardInterrupt:  # Ctrl-C before training began: nothing to save
         print("train_gpt2.py: interrupted before training began", file=sys.stderr)

@@ -21,11 +21,12 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from machinery.common import (UserError, atomic_write, file_fingerprint, first_line, lock_folder,
+from machinery.common import (RunDiverged, UserError, atomic_write, file_fingerprint, first_line, lock_folder,
                               unusable_folder, write_failure)
 
 CHECKPOINT_RE = re.compile(r"^(model|ckpt)_(\d+)\.pt$")
 LOCK_NAME = "train_gpt2.lock"  # held by the run that owns the folder; also marks it as one this script ran in
+DIVERGED_NAME = "diverged.txt"  # written when the run diverges: rerunning the same command is refused
 OWN_TEMP_RE = re.compile(r"^((model|ckpt)_\d+\.pt|log\.txt)\.tmp$")  # the temporary names this script writes
 # a whole log.txt line, newline included: anything else (a line torn by a crash or a full disk, zeros a crash left
 # in an unwritten page) is never kept on resume, whatever its first characters are
@@ -362,9 +363,28 @@ def _prepare_log_dir(args, resumed_from, resume_step, was_ours):
 
 
 def previous_run(log_dir):
-    """What an earlier run left in log_dir: its log.txt, then its checkpoints, newest first."""
-    log_file = os.path.join(log_dir, "log.txt")
-    return [log_file] * os.path.exists(log_file) + [path for _, path in list_checkpoints(log_dir)]
+    """What an earlier run left in log_dir: its log.txt, then its checkpoints, newest first, and its divergence
+    note if it has one."""
+    log_file, diverged = os.path.join(log_dir, "log.txt"), os.path.join(log_dir, DIVERGED_NAME)
+    return [log_file] * os.path.exists(log_file) + [path for _, path in list_checkpoints(log_dir)] + \
+        [diverged] * os.path.exists(diverged)
+
+
+def mark_diverged(log_dir, message):
+    """Leave the divergence's message in log_dir, so that a restart (torchrun's, a shell loop's) of the same
+    command stops at once instead of diverging again."""
+    atomic_write(os.path.join(log_dir, DIVERGED_NAME), lambda f: f.write((message + "\n").encode()))
+
+
+def check_not_diverged(args):
+    """A run that diverged is not resumed by --resume auto: the same flags would diverge again."""
+    path = os.path.join(args.log_dir, DIVERGED_NAME)
+    if args.resume != "auto" or args.overwrite or not os.path.exists(path):
+        return
+    with open(path) as f:
+        what = f.read().strip().split(";")[0]
+    raise RunDiverged(f"{what}, and is not resumed with the same command: change what made it diverge (e.g. a "
+                      f"lower --max_lr), delete {path}, then rerun; or pass --overwrite to start over")
 
 
 def log_dir_problem(args, resumed_from, resume_step, was_ours):

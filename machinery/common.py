@@ -29,6 +29,15 @@ BIN_MAGIC, BIN_VERSION = 20240520, 1  # llm.c's data file header (fineweb.py wri
 class UserError(Exception):
     """A problem the user can fix (bad flag, missing file, no network); printed as one line, no traceback."""
 
+    exit_code = 1
+
+
+class RunDiverged(UserError):
+    """The run's loss or gradient went non-finite. Its own exit code, so that a restart loop can stop: the same
+    command would only diverge again (and torchrun --max-restarts finds the run refusing at once)."""
+
+    exit_code = 3
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help with each flag's default shown once: not added where the default is None (the help says it)."""

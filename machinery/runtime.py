@@ -78,6 +78,17 @@ def exit_when_another_rank_fails(what):
     atexit.register(end_watch)
 
 
+def check_restartable():
+    """torchrun --max-restarts N restarts every rank when one dies; with its rendezvous store shared with the
+    ranks' (the default), a restarted rank can read the address of a rank from the attempt before and never
+    connect (pytorch/pytorch#135712; seen here on gloo, torch 2.13). Refused before anything runs."""
+    restarts = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"
+    if restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise UserError("torchrun --max-restarts needs TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment, or a "
+                        "restarted rank may never connect (pytorch#135712): run `TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                        "torchrun ...`")
+
+
 def autodetect_device():
     if torch.cuda.is_available():
         return "cuda"

@@ -405,11 +405,17 @@ def test_a_full_disk_stops_with_one_line_and_leaves_nothing_half_written(small_s
 
 def test_a_diverging_run_stops_at_the_first_non_finite_step(small_shards, tmp_path, hellaswag_dir):
     log_dir = tmp_path / "log"
-    proc = run(command(train_args(small_shards, log_dir, extra=["--max_lr", 1e12, "--save_every", 1])))
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    args = train_args(small_shards, log_dir, extra=["--max_lr", 1e12, "--save_every", 1])
+    proc = run(command(args))
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr[-2000:]  # 3: diverged
     last = proc.stderr.strip().splitlines()[-1]
     assert "the run diverged at step" in last and "--max_lr (now 1000000000000.0)" in last
     step = int(last.split("at step ")[1].split()[0])
+    # the same command again (a restart loop, torchrun --max-restarts) stops at once, before any step
+    again = run(command(args))
+    assert again.returncode == 3 and "Traceback" not in again.stderr and "step " not in again.stdout
+    assert f"the run diverged at step {step}" in again.stderr and "is not resumed with the same command" in again.stderr
+    assert os.path.exists(log_dir / "diverged.txt")
     log = read_log(log_dir / "log.txt")
     assert max(log["train"]) == step - 1 and all(v == v for v in log["train"].values())  # no NaN logged
     saved = glob.glob(str(log_dir / "*.pt"))
