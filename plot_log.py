@@ -17,11 +17,17 @@ import torch
 import hellaswag
 from machinery import checkpoints, common
 
-# reference points (sources in the README): GPT-2 124M's val loss on FineWeb-Edu and its HellaSwag
-# acc_norm as build-nanogpt measured them; GPT-3 Small's HellaSwag from the GPT-3 paper
-GPT2_VAL_LOSS = 3.2924
-GPT2_HELLASWAG = 0.294463
-GPT3_SMALL_HELLASWAG = 0.337
+# reference points per GPT-2 size, (n_layer, n_embd) -> baselines (sources in the README): OpenAI's GPT-2
+# checkpoint's HellaSwag acc_norm and its val loss on FineWeb, as llm.c's dev/vislog.ipynb has them (124M's
+# HellaSwag is build-nanogpt's figure too), its val loss on FineWeb-Edu where build-nanogpt measured one
+# (124M), and the GPT-3 paper's HellaSwag for the nearest GPT-3 size
+GPT2_SIZES = {
+    (12, 768): dict(name="124M", hella=0.294463, fineweb_edu=3.2924, fineweb=3.424958, gpt3=("Small, 125M", 0.337)),
+    (24, 1024): dict(name="355M", hella=0.375224, fineweb_edu=None, fineweb=3.083089, gpt3=("Medium, 350M", 0.436)),
+    (36, 1280): dict(name="774M", hella=0.431986, fineweb_edu=None, fineweb=3.000580, gpt3=("Large, 760M", 0.510)),
+    (48, 1600): dict(name="1558M", hella=0.488946, fineweb_edu=None, fineweb=2.831273, gpt3=("XL, 1.3B", 0.547)),
+}
+GPT2_VAL_LOSS = GPT2_SIZES[(12, 768)]["fineweb_edu"]  # 124M's, the lecture's line
 HELLASWAG_VAL_EXAMPLES = 10042
 CHANCE = 0.25  # four endings
 
@@ -39,18 +45,34 @@ def read_log(path):
 
 
 FINEWEB_EDU_PREFIXES = ("edufineweb_", "finewebedu_", "edu_fineweb_")  # fineweb.py's, and the downloads' shards
+FINEWEB_PREFIXES = ("fineweb_",)  # llm.c's FineWeb shards, and fineweb.py --pretokenized fineweb-10B's
 
 
-def on_fineweb_edu(ckpt):
-    """Whether the run's val shard is FineWeb-Edu's (by its file name), where GPT-2's val loss was measured;
-    None when the checkpoint does not say (older ones record no shard names)."""
+def val_data(ckpt):
+    """Which val set the run scored, by its val shard's name: "FineWeb-Edu", "FineWeb" (where GPT-2's val
+    losses were measured) or "other"; None when the checkpoint does not say (older ones record no names)."""
     names = list(ckpt.get("data_identity", {}).get("val", {}))
-    return names[0].startswith(FINEWEB_EDU_PREFIXES) if names else None
+    if not names:
+        return None
+    return "FineWeb-Edu" if names[0].startswith(FINEWEB_EDU_PREFIXES) else \
+        "FineWeb" if names[0].startswith(FINEWEB_PREFIXES) else "other"
+
+
+def gpt2_size(log_dir):
+    """The baselines of the GPT-2 size the run in log_dir has (its newest checkpoint's layers and width), or
+    124M's when it is none of the four or says nothing."""
+    for _, path in checkpoints.list_checkpoints(log_dir):
+        try:
+            config = torch.load(path, map_location="cpu", weights_only=True)["config"]
+        except Exception:  # a damaged file: try the one before
+            continue
+        return GPT2_SIZES.get((config.get("n_layer"), config.get("n_embd")), GPT2_SIZES[(12, 768)])
+    return GPT2_SIZES[(12, 768)]
 
 
 def describe_run(log_dir):
-    """(label of the run, HellaSwag examples per point or None, whether its val shard is FineWeb-Edu's or
-    None), from the newest readable checkpoint in log_dir."""
+    """(label of the run, HellaSwag examples per point or None, its val data (see val_data) or None), from the
+    newest readable checkpoint in log_dir."""
     for _, path in checkpoints.list_checkpoints(log_dir):
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -62,7 +84,7 @@ def describe_run(log_dir):
         args = ckpt.get("args", {})
         hella = (args.get("hellaswag_limit") or HELLASWAG_VAL_EXAMPLES) if args.get("hellaswag", True) else None
         return f"this run ({label} parameters)", min(hella, HELLASWAG_VAL_EXAMPLES) if hella else None, \
-            on_fineweb_edu(ckpt)
+            val_data(ckpt)
     return "this run", None, None
 
 
@@ -78,7 +100,8 @@ def plot(log_dir, out=None):
         raise FileNotFoundError(f"no log at {log_path}: train first (python train_gpt2.py --first_try), "
                                 "or point at a run's folder")
     streams = read_log(log_path)
-    label, examples, fineweb_edu = describe_run(log_dir)
+    label, examples, data = describe_run(log_dir)
+    size = gpt2_size(log_dir)
 
     def xy(kind):
         points = sorted(streams.get(kind, {}).items())
@@ -87,9 +110,12 @@ def plot(log_dir, out=None):
     fig, (ax_loss, ax_hella) = plt.subplots(1, 2, figsize=(16, 6))
     ax_loss.plot(*xy("train"), label=f"{label}: train loss", alpha=0.7)
     ax_loss.plot(*xy("val"), label=f"{label}: val loss")
-    # GPT-2's val loss was measured on FineWeb-Edu's val shard: on other data the line compares nothing
-    other_data = "" if fineweb_edu is not False else " (FineWeb-Edu; this run's val data is other text)"
-    ax_loss.axhline(GPT2_VAL_LOSS, color="r", linestyle="--", label=f"OpenAI GPT-2 124M: val loss{other_data}")
+    # GPT-2's val loss is known on FineWeb-Edu's val shard (124M) and FineWeb's (every size): on other data the
+    # line compares nothing, and says so
+    loss, where = (size["fineweb"], "FineWeb") if data == "FineWeb" or not size["fineweb_edu"] else \
+        (size["fineweb_edu"], "FineWeb-Edu")
+    other_data = "" if data in (None, where) else f" ({where}; this run's val data is other text)"
+    ax_loss.axhline(loss, color="r", linestyle="--", label=f"OpenAI GPT-2 {size['name']}: val loss{other_data}")
     ax_loss.set(xlabel="step", ylabel="loss", title="Loss")
     ax_loss.legend()
 
@@ -103,8 +129,9 @@ def plot(log_dir, out=None):
         ax_hella.errorbar(steps, accs, yerr=errors, marker="o", capsize=3, label=f"{label}{n}, +-2 s.e.")
     else:
         ax_hella.plot(steps, accs, marker="o", label=f"{label}{n}")
-    ax_hella.axhline(GPT2_HELLASWAG, color="r", linestyle="--", label="OpenAI GPT-2 124M (10,042 examples)")
-    ax_hella.axhline(GPT3_SMALL_HELLASWAG, color="g", linestyle="--", label="OpenAI GPT-3 Small, 125M (paper)")
+    ax_hella.axhline(size["hella"], color="r", linestyle="--", label=f"OpenAI GPT-2 {size['name']} (10,042 examples)")
+    gpt3, gpt3_hella = size["gpt3"]
+    ax_hella.axhline(gpt3_hella, color="g", linestyle="--", label=f"OpenAI GPT-3 {gpt3} (paper)")
     ax_hella.axhline(CHANCE, color="gray", linestyle=":", label="chance (1 in 4)")
     ax_hella.set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
     ax_hella.legend()

@@ -1096,6 +1096,17 @@ def micro_batch_size(value):
         raise argparse.ArgumentTypeError(f"expected a number or auto, got {value!r}") from None
 
 
+# --model: GPT-2's four sizes (layers x width, heads of 64), each with the peak learning rate and batch of
+# the nearest model in the GPT-3 paper's table 2.1 (Small 125M 6e-4 and 0.5M tokens, Medium 350M 3e-4 and
+# 0.5M, Large 760M 2.5e-4 and 0.5M, XL 1.3B 2e-4 and 1M), over the same 10B tokens and 375M of warmup
+MODELS = {
+    "gpt2": dict(n_layer=12, n_embd=768, n_head=12),
+    "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16, max_lr=3e-4),
+    "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20, max_lr=2.5e-4),
+    "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25, max_lr=2e-4, total_batch_size=2**20, max_steps=9537,
+                    warmup_steps=358),
+}
+
 # --first_try: a 4-layer, 128-wide GPT on Tiny Shakespeare (`python fineweb.py --dataset shakespeare`), a few
 # minutes on a laptop's CPU; HellaSwag on its first 200 examples
 FIRST_TRY = dict(data_dir="tinyshakespeare", n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=16,
@@ -1105,6 +1116,11 @@ FIRST_TRY = dict(data_dir="tinyshakespeare", n_layer=4, n_head=4, n_embd=128, bl
 
 def add_recipe_flags(p):
     """The recipe's flags: data, batch, optimization, evaluation, checkpoints, the model."""
+    p.add_argument("--model", choices=list(MODELS), default="gpt2",
+                   help="GPT-2's size: gpt2 124M (12 x 768), gpt2-medium 355M (24 x 1024, max_lr 3e-4), gpt2-large "
+                        "774M (36 x 1280, 2.5e-4), gpt2-xl 1558M (48 x 1600, 2e-4 and 2**20-token steps: 9537 of "
+                        "them, 358 of warmup); the lr and batch from GPT-3's table for the nearest size; flags given "
+                        "still win")
     p.add_argument("--first_try", action="store_true",
                    help="a tiny model on Tiny Shakespeare, minutes on a CPU: sets the data, model, batch and "
                         "evaluation flags (those given still win)")
@@ -1255,8 +1271,12 @@ def parse_args(argv=None):
     add_variant_flags(p)
     add_system_flags(p)
     known = p.parse_known_args(argv)[0]
-    # presets first, then what the command line says wins
-    p.set_defaults(**variants.RECIPES[known.recipe], **(FIRST_TRY if known.first_try else {}))
+    if known.model != "gpt2" and known.recipe not in ("gpt2", "llama"):
+        p.error(f"--model {known.model} sets GPT-2's sizes with GPT-3's AdamW learning rates; --recipe {known.recipe}"
+                " is tuned at 124M only: use --recipe gpt2 or llama, or set the sizes with --n_layer/--n_embd/--n_head")
+    # presets first (the recipe, the size, the first try), then what the command line says wins
+    p.set_defaults(**{**variants.RECIPES[known.recipe], **MODELS[known.model],
+                      **(FIRST_TRY if known.first_try else {})})
     args = p.parse_args(argv)
 
     positive = ["seq_len", "total_batch_size", "max_steps", "eval_every",

@@ -44,6 +44,44 @@ def test_from_pretrained_logits_match_transformers(hf_dir):
     assert diff < 1e-4
 
 
+@pytest.mark.parametrize("family, n_head", [("gpt2-medium", 16), ("gpt2-large", 20), ("gpt2-xl", 25)])
+def test_from_pretrained_reads_each_gpt2_familys_shape(family, n_head, tmp_path):
+    """The bigger GPT-2s differ in depth, width and head count (heads of 64): random transformers models of
+    each family's head count, at a small head size, load with equal logits."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=n_head, n_embd=4 * n_head, n_positions=32, vocab_size=97))
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path / family)
+    ours = GPT.from_pretrained(str(tmp_path / family)).eval()
+    assert (ours.config.n_head, ours.config.n_embd) == (n_head, 4 * n_head)
+    idx = torch.randint(0, 97, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(idx)[0] - hf.eval()(idx).logits).abs().max().item() < 1e-4
+
+
+def test_model_presets_are_gpt2s_sizes_with_gpt3s_learning_rates():
+    """--model: parameter counts from the sizes alone (on the meta device: no memory), and the GPT-3 paper's
+    learning rate and batch for the nearest size, 10B tokens each; flags given still win."""
+    table = {"gpt2": (12, 768, 12, 124, 6e-4, 2**19), "gpt2-medium": (24, 1024, 16, 355, 3e-4, 2**19),
+             "gpt2-large": (36, 1280, 20, 774, 2.5e-4, 2**19), "gpt2-xl": (48, 1600, 25, 1558, 2e-4, 2**20)}
+    for name, (L, C, H, millions, lr, batch) in table.items():
+        args = parse_args(["--model", name])
+        assert (args.n_layer, args.n_embd, args.n_head, args.max_lr, args.total_batch_size) == (L, C, H, lr, batch)
+        assert args.max_steps * batch == pytest.approx(10e9, rel=1e-3)
+        assert args.warmup_steps * batch == pytest.approx(375e6, rel=2e-3)
+        with torch.device("meta"):
+            model = GPT(train_gpt2.gpt_config(args))
+        expected = 50304 * C + 1024 * C + L * (12 * C * C + 13 * C) + 2 * C  # wte, wpe, blocks, ln_f
+        assert model.num_params(non_embedding=False) == expected and round(expected / 1e6) == millions
+    assert parse_args(["--model", "gpt2-xl", "--max_lr", "1e-4"]).max_lr == 1e-4
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "gpt2-xl", "--recipe", "speedrun"])
+
+
 def test_from_pretrained_rejects_unknown_names(tmp_path):
     with pytest.raises(UserError, match="neither one of gpt2"):
         GPT.from_pretrained("gpt3")

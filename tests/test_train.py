@@ -386,3 +386,20 @@ def test_an_offline_first_try_names_every_missing_download_in_one_message(tmp_pa
     assert_one_line_error(train, "could not load the GPT-2 tokenizer", "--no-sample --no-hellaswag",
                                  "hellaswag_val.jsonl", "HELLASWAG_CACHE_DIR", "--no-hellaswag")
     assert not os.path.exists(tmp_path / "log")
+
+
+def test_plot_draws_the_baselines_of_the_runs_own_gpt2_size_and_val_data(tmp_path):
+    """A gpt2-medium run on FineWeb's shards (llm.c's names) is drawn against GPT-2 355M's FineWeb val loss
+    and HellaSwag, and GPT-3 Medium's; with no note, since its val data is the baseline's."""
+    import plot_log
+
+    (tmp_path / "log.txt").write_text("0 train 10.9\n0 val 10.9\n0 hella 0.25\n10 train 6.0\n10 val 6.1\n")
+    ckpt = {"model": {"w": torch.zeros(3)}, "config": {"n_layer": 24, "n_embd": 1024, "n_head": 16}, "step": 10,
+            "args": {"hellaswag": True}, "data_identity": {"val": {"fineweb_val_000000.bin": "x"}}}
+    torch.save(ckpt, tmp_path / "model_00010.pt")
+    fig, _ = plot_log.plot(str(tmp_path), out=str(tmp_path / "curves.png"))
+    labels = [t.get_text() for ax in fig.axes for t in ax.get_legend().get_texts()]
+    assert "OpenAI GPT-2 355M: val loss" in labels and "OpenAI GPT-2 355M (10,042 examples)" in labels
+    assert "OpenAI GPT-3 Medium, 350M (paper)" in labels
+    lines = {line.get_label(): line.get_ydata()[0] for ax in fig.axes for line in ax.get_lines()}
+    assert lines["OpenAI GPT-2 355M: val loss"] == 3.083089 and lines["OpenAI GPT-2 355M (10,042 examples)"] == 0.375224
