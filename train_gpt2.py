@@ -15,6 +15,7 @@ Nothing runs at import time; `main()` does the work.
 
 import argparse
 import contextlib
+import datetime
 import glob
 import inspect
 import math
@@ -1002,12 +1003,18 @@ def load_eval_data(args):
     return enc
 
 
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)  # 20x that worst case; a real hang still ends
+
+
 def init_distributed(compute, start_step):
     """The process group (NCCL between GPUs, gloo on CPU); every rank must resume from the same step."""
     if not compute.ddp:
         return
     if not dist.is_initialized():  # (the preflight starts it earlier, and sets up a second run in one process)
-        dist.init_process_group(backend="nccl" if compute.device_type == "cuda" else "gloo")
+        # the longest a rank waits at a collective for another: rank 0 writing a checkpoint (GPT-2 XL's, weights
+        # and AdamW moments, is 18.7 GB: about 90 s at 200 MB/s) while the others wait at the next all-reduce
+        dist.init_process_group(backend="nccl" if compute.device_type == "cuda" else "gloo",
+                                timeout=PROCESS_GROUP_TIMEOUT)
         runtime.exit_when_another_rank_fails(f"rank {compute.rank}")  # a rank failing alone must not hang the rest
     steps = torch.tensor([start_step, -start_step], dtype=torch.float32, device=compute.device)
     dist.all_reduce(steps, op=dist.ReduceOp.MAX)
