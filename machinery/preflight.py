@@ -198,11 +198,17 @@ def timed(evaluate, run, step, **flags):
 
 
 def checkpoint_bytes(run):
-    """About what one checkpoint file takes: the weights and the optimizer's state, tensor by tensor."""
-    tensors = list(run.raw_model.state_dict().values())
-    for state in run.optimizer.state_dict()["state"].values():
-        tensors += [t for t in state.values() if isinstance(t, torch.Tensor)]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """About what one checkpoint file takes: the weights and the optimizer's state (both optimizers' under
+    Muon), tensor by tensor."""
+    return tensor_bytes(run.raw_model.state_dict()) + tensor_bytes(run.optimizer.state_dict())
+
+
+def tensor_bytes(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    return sum(tensor_bytes(v) for v in obj) if isinstance(obj, (list, tuple)) else 0
 
 
 def saves_ahead(run, real):
