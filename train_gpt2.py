@@ -1107,7 +1107,7 @@ def micro_batch_size(value):
 # the nearest model in the GPT-3 paper's table 2.1 (Small 125M 6e-4 and 0.5M tokens, Medium 350M 3e-4 and
 # 0.5M, Large 760M 2.5e-4 and 0.5M, XL 1.3B 2e-4 and 1M), over the same 10B tokens and 375M of warmup
 MODELS = {
-    "gpt2": dict(n_layer=12, n_embd=768, n_head=12),
+    "gpt2": {},  # the flags' own defaults: 12 x 768, 12 heads (and a recipe's own sizes stay, e.g. 6 heads)
     "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16, max_lr=3e-4),
     "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20, max_lr=2.5e-4),
     "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25, max_lr=2e-4, total_batch_size=2**20, max_steps=9537,
