@@ -27,7 +27,6 @@ GPT2_SIZES = {
     (36, 1280): dict(name="774M", hella=0.431986, fineweb_edu=None, fineweb=3.000580, gpt3=("Large, 760M", 0.510)),
     (48, 1600): dict(name="1558M", hella=0.488946, fineweb_edu=None, fineweb=2.831273, gpt3=("XL, 1.3B", 0.547)),
 }
-GPT2_VAL_LOSS = GPT2_SIZES[(12, 768)]["fineweb_edu"]  # 124M's, the lecture's line
 HELLASWAG_VAL_EXAMPLES = 10042
 CHANCE = 0.25  # four endings
 
@@ -58,34 +57,35 @@ def val_data(ckpt):
         "FineWeb" if names[0].startswith(FINEWEB_PREFIXES) else "other"
 
 
-def gpt2_size(log_dir):
-    """The baselines of the GPT-2 size the run in log_dir has (its newest checkpoint's layers and width), or
-    124M's when it is none of the four or says nothing."""
+def newest_checkpoint(log_dir):
+    """The newest readable checkpoint in log_dir, loaded once for all the plot reads of it; None when there is
+    none (build-nanogpt's folders)."""
     for _, path in checkpoints.list_checkpoints(log_dir):
         try:
-            config = torch.load(path, map_location="cpu", weights_only=True)["config"]
+            return torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # a damaged file: try the one before
             continue
-        return GPT2_SIZES.get((config.get("n_layer"), config.get("n_embd")), GPT2_SIZES[(12, 768)])
-    return GPT2_SIZES[(12, 768)]
+    return None
 
 
-def describe_run(log_dir):
-    """(label of the run, HellaSwag examples per point or None, its val data (see val_data) or None), from the
-    newest readable checkpoint in log_dir."""
-    for _, path in checkpoints.list_checkpoints(log_dir):
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # a damaged file: try the one before
-            continue
-        tensors = {t.data_ptr(): t.numel() for t in ckpt["model"].values()}  # a tied matrix counted once
-        size = sum(tensors.values())
-        label = f"{size / 1e6:.0f}M" if size >= 1e6 else f"{size / 1e3:.0f}K"
-        args = ckpt.get("args", {})
-        hella = (args.get("hellaswag_limit") or HELLASWAG_VAL_EXAMPLES) if args.get("hellaswag", True) else None
-        return f"this run ({label} parameters)", min(hella, HELLASWAG_VAL_EXAMPLES) if hella else None, \
-            val_data(ckpt)
-    return "this run", None, None
+def gpt2_size(ckpt):
+    """The baselines of the GPT-2 size the checkpoint's model has (its layers and width), or 124M's when it is
+    none of the four or there is no checkpoint."""
+    config = ckpt["config"] if ckpt else {}
+    return GPT2_SIZES.get((config.get("n_layer"), config.get("n_embd")), GPT2_SIZES[(12, 768)])
+
+
+def describe_run(ckpt):
+    """(label of the run, HellaSwag examples per point or None, its val data (see val_data) or None), from its
+    newest checkpoint (None: "this run", and nothing known)."""
+    if ckpt is None:
+        return "this run", None, None
+    tensors = {t.data_ptr(): t.numel() for t in ckpt["model"].values()}  # a tied matrix counted once
+    size = sum(tensors.values())
+    label = f"{size / 1e6:.0f}M" if size >= 1e6 else f"{size / 1e3:.0f}K"
+    args = ckpt.get("args", {})
+    hella = (args.get("hellaswag_limit") or HELLASWAG_VAL_EXAMPLES) if args.get("hellaswag", True) else None
+    return f"this run ({label} parameters)", min(hella, HELLASWAG_VAL_EXAMPLES) if hella else None, val_data(ckpt)
 
 
 def plot(log_dir, out=None):
@@ -100,8 +100,9 @@ def plot(log_dir, out=None):
         raise FileNotFoundError(f"no log at {log_path}: train first (python train_gpt2.py --first_try), "
                                 "or point at a run's folder")
     streams = read_log(log_path)
-    label, examples, data = describe_run(log_dir)
-    size = gpt2_size(log_dir)
+    ckpt = newest_checkpoint(log_dir)
+    label, examples, data = describe_run(ckpt)
+    size = gpt2_size(ckpt)
 
     def xy(kind):
         points = sorted(streams.get(kind, {}).items())

@@ -1067,8 +1067,8 @@ def describe_run(run, resumed_from, notes):
         compute.print0("MFU not shown: peak FLOP/s of this device unknown (pass --peak_tflops)")
     else:
         compute.print0(f"MFU against {speed.peak_flops_source(compute.device_type, args.peak_tflops)}")
-    if args.hellaswag and (note := hellaswag.not_the_real_val_set()):
-        compute.print0(f"note: {note}")
+    if args.hellaswag and compute.master and (note := hellaswag.not_the_real_val_set()):  # (hashes the file)
+        print(f"note: {note}")
     if resumed_from:
         compute.print0(f"resuming at step {run.start_step} from {resumed_from}")
     for note in notes:

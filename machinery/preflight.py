@@ -19,9 +19,7 @@ import contextlib
 import gc
 import io
 import os
-import resource
 import shutil
-import sys
 import tempfile
 import time
 import traceback
@@ -96,9 +94,7 @@ def run(args, recipe):
 def check_log_dir(args, inputs):
     """--log_dir is a folder this run can write in (or make), and the real run would accept what is in it."""
     folder = os.path.abspath(args.log_dir)
-    existing = folder
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
+    existing = nearest_existing(folder)
     if not os.path.isdir(existing):
         raise UserError(f"--log_dir {args.log_dir}: {existing} is a file, not a folder; pass another --log_dir")
     if not os.access(existing, os.W_OK | os.X_OK):
@@ -108,6 +104,14 @@ def check_log_dir(args, inputs):
     problem = checkpoints.log_dir_problem(args, ckpt and ckpt["path"], ckpt["step"] if ckpt else None, was_ours)
     if problem:
         raise UserError(problem)
+
+
+def nearest_existing(path):
+    """path, or the nearest folder above it that exists (where a --log_dir yet to be made will be)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
 
 
 def temporary_folder(compute):
@@ -131,7 +135,7 @@ def train_phases(args, real, recipe, compute, inputs, phases, was_ours):
     with phases("steps"):
         step = train_steps(recipe, run, step, TIMED_STEPS)[0]
     times = sorted(run.step_times[1:])
-    report = dict(step_time=times[len(times) // 2], peak_memory=peak_memory_bytes(compute.device_type),
+    report = dict(step_time=times[len(times) // 2], peak_memory=peak_memory(compute.device_type),
                   start_step=run.start_step, batch_size=args.batch_size, flops_per_token=run.flops_per_token,
                   peak_flops=run.peak_flops, world_size=compute.world_size, device=compute.device,
                   device_type=compute.device_type, hellaswag_scored=args.hellaswag_limit)
@@ -227,10 +231,7 @@ def check_disk(real, run, file_bytes):
         return None
     milestones, resume_points = saves_ahead(run, real)
     kept = (milestones + min(resume_points, real.keep_last + 1)) * file_bytes + LOG_LINE_BYTES * real.max_steps
-    folder = os.path.abspath(real.log_dir)
-    while not os.path.exists(folder):
-        folder = os.path.dirname(folder)
-    free = shutil.disk_usage(folder).free
+    free = shutil.disk_usage(nearest_existing(real.log_dir)).free
     if free < kept:
         raise UserError(f"--log_dir {real.log_dir} has {gb(free)} free, and the run keeps about {gb(kept)} there "
                         f"(milestones {milestones}, resume points up to {min(resume_points, real.keep_last + 1)}, "
@@ -295,15 +296,14 @@ def link_speed(model, compute, repeats=3):
     return dict(bytes=buffer.numel() * 4, seconds=seconds, bus=buffer.numel() * 4 * 2 * (n - 1) / n / seconds)
 
 
-def peak_memory_bytes(device_type):
+def peak_memory(device_type):
     """(peak, total) bytes: the GPU's allocations against its memory, or the process's peak resident memory
     against the machine's."""
     if device_type == "cuda":
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-        return torch.cuda.max_memory_allocated(), total
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
-    return rss, total
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    return speed.peak_memory_bytes(device_type), total
 
 
 def gb(n):

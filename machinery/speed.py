@@ -114,6 +114,14 @@ def mfu_percent(flops_per_token, tokens_per_sec, peak_flops, world_size):
     return 100 * flops_per_token * tokens_per_sec / (peak_flops * world_size)
 
 
+def peak_memory_bytes(device_type):
+    """The GPU's peak allocated bytes, or on CPU the process's peak resident memory (Linux reports KiB, macOS
+    bytes)."""
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def print_benchmark(args, step_times, flops_per_token, peak_flops, world_size, device_type):
     """The median step after warm-up (the first fifth of the steps, at least one: compilation, allocator)."""
     warmup = max(1, len(step_times) // 5)
@@ -121,11 +129,7 @@ def print_benchmark(args, step_times, flops_per_token, peak_flops, world_size, d
     ms = 1000 * measured[len(measured) // 2]
     tokens_per_sec = args.total_batch_size / (ms / 1000)
     mfu = mfu_percent(flops_per_token, tokens_per_sec, peak_flops, world_size) if peak_flops else None
-    if device_type == "cuda":
-        peak_memory = torch.cuda.max_memory_allocated() / 2 ** 30
-    else:  # the process's peak resident memory (Linux reports KiB, macOS bytes)
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        peak_memory = rss / (2 ** 30 if sys.platform == "darwin" else 2 ** 20)
+    peak_memory = peak_memory_bytes(device_type) / 2 ** 30
     result = dict(ms_per_step=round(ms, 2), tokens_per_sec=round(tokens_per_sec), mfu=mfu and round(mfu, 2),
                   peak_memory_gib=round(peak_memory, 2), steps_measured=len(measured), warmup_steps=warmup)
     print(f"benchmark: median {ms:.2f} ms/step over {len(measured)} steps after {warmup} warm-up | "
