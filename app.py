@@ -19,7 +19,6 @@ import os
 import re
 import sys
 
-import torch
 
 import sample
 import train_gpt2
@@ -45,9 +44,9 @@ def describe(name):
     """What a checkpoint records: step, tokens seen, val loss, and HellaSwag from the log beside it."""
     if name.endswith(sample.INIT):
         return "step 0: its run's initial weights (before training)"
-    if not name.endswith(".pt"):
+    if not checkpoints.is_checkpoint(name):
         return "transformers model"
-    ckpt = torch.load(name, map_location="cpu", weights_only=True)
+    ckpt = checkpoints.load_checkpoint(name, weights=False)
     step, args = ckpt["step"], ckpt.get("args", {})
     parts = [f"step {step:,}"]
     if "total_batch_size" in args:

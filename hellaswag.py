@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from machinery import common, hf_convert, runtime
+from machinery import checkpoints, common, hf_convert, runtime
 
 URLS = {
     "train": "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_train.jsonl",
@@ -218,8 +218,9 @@ def evaluate(model, device, split="val", rank=0, world_size=1, limit=None, batch
 
 
 def load_model(name_or_path, device, compile=False):
-    """A train_gpt2.py checkpoint (.pt) or a transformers GPT-2 (hub name or directory) as a Model."""
-    if name_or_path.endswith(".pt"):
+    """A train_gpt2.py checkpoint (.pt, or a sharded folder) or a transformers GPT-2 (hub name or directory) as a
+    Model."""
+    if checkpoints.is_checkpoint(name_or_path):
         # imported here, not at the top: train_gpt2 imports this file for its evaluation (a cycle)
         import train_gpt2
 

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
 import variants
-from machinery import checkpoints, common, hf_convert, preflight, runtime, speed
+from machinery import checkpoints, common, hf_convert, preflight, runtime, sharding, speed
 from machinery.common import UserError
 
 # -----------------------------------------------------------------------------
@@ -217,9 +217,10 @@ class GPT(nn.Module):
     def from_pretrained(cls, name_or_path):
         """
         A GPT with trained weights, on the CPU: OpenAI's GPT-2 ("gpt2", "gpt2-medium", "gpt2-large",
-        "gpt2-xl"), a transformers GPT-2 folder, or a checkpoint of this script ("log/model_19072.pt").
+        "gpt2-xl"), a transformers GPT-2 folder, or a checkpoint of this script ("log/model_19072.pt", or
+        --fsdp's sharded "log/ckpt_01000").
         """
-        if name_or_path.endswith(".pt") or os.path.isfile(name_or_path):
+        if checkpoints.is_checkpoint(name_or_path) or os.path.isfile(name_or_path):
             ckpt = checkpoints.load_checkpoint(name_or_path)
             config, state_dict = ckpt["config"], ckpt["model"]
         else:  # transformers' weights, converted to this model's names and layout
@@ -582,7 +583,9 @@ def train_step(run, step, stop_signals):
         x, y = run.train_batches.next_batch()
         # DDP all-reduces gradients only on the last micro-step; the others just accumulate locally
         sync = not compute.ddp or micro_step == run.grad_accum_steps - 1
-        with contextlib.nullcontext() if sync else model.no_sync():
+        if args.fsdp:  # FSDP the same way: the gradients are reduce-scattered to their shards at the last one
+            model.set_requires_gradient_sync(sync)
+        with contextlib.nullcontext() if sync or args.fsdp else model.no_sync():
             with compute.autocast_ctx:
                 _, loss = model(x, y)
             # mean over the whole batch, not over each micro-batch: scale before summing gradients
@@ -610,8 +613,19 @@ def train_step(run, step, stop_signals):
 
 def evaluate(run, step):
     """Val loss, HellaSwag accuracy and (after step 0) samples; rank 0 prints and logs them."""
-    args, compute = run.args, run.compute
+    args = run.args
     run.model.eval()
+    with sharding.gathered(run.raw_model):  # --fsdp: every rank holds the whole model meanwhile (else nothing)
+        evaluate_val_loss(run, step)
+        if args.hellaswag:
+            evaluate_hellaswag(run, step)
+        if args.sample and run.compute.master and step > 0:
+            print_samples(run)
+    run.model.train()
+
+
+def evaluate_val_loss(run, step):
+    args, compute = run.args, run.compute
     if args.val_tokens:  # exactly the first --val_tokens tokens, whatever -B and the number of ranks
         val_loss = val_loss_over_tokens(run.model, run.val_tokens, args.batch_size, args.seq_len, compute)
     else:
@@ -622,28 +636,32 @@ def evaluate(run, step):
     run.metrics(step, **{"val/loss": run.val_loss})
     compute.print0(f"validation loss: {run.val_loss:.4f}")
     run.log(f"{step} val {run.val_loss:.4f}")
-    if args.hellaswag:
-        # each rank scores its share of the examples; the counts are summed
-        result = hellaswag.evaluate(run.hella_model, compute.device, rank=compute.rank, world_size=compute.world_size,
-                                    limit=args.hellaswag_limit, batch_tokens=args.hellaswag_batch_tokens,
-                                    autocast_ctx=compute.autocast_ctx)
-        counts = torch.tensor([result.correct_norm, result.total], dtype=torch.long, device=compute.device)
-        if compute.ddp:
-            dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-        correct, total = counts.tolist()
-        run.hella = correct / total
-        run.metrics(step, **{"hellaswag/acc_norm": run.hella})
-        compute.print0(f"HellaSwag accuracy: {correct}/{total}={correct / total:.4f}")
-        run.log(f"{step} hella {correct / total:.4f}")
-    if args.sample and compute.master and step > 0:
-        prompt = "Hello, I'm a language model,"  # build-nanogpt's: 8 tokens, 32 in all
-        with compute.autocast_ctx:
-            samples = sample_text(run.raw_model, run.enc, prompt, 4, 32 - len(run.enc.encode(prompt)),
-                                  compute.device, seed=42)
-        for i, text in enumerate(samples):
-            one_line = text.replace("\n", "\\n")  # one line per sample, its newlines shown as \n
-            print(f"sample {i}: {one_line}")
-    run.model.train()
+
+
+def evaluate_hellaswag(run, step):
+    """Each rank scores its share of the examples; the counts are summed."""
+    args, compute = run.args, run.compute
+    result = hellaswag.evaluate(run.hella_model, compute.device, rank=compute.rank, world_size=compute.world_size,
+                                limit=args.hellaswag_limit, batch_tokens=args.hellaswag_batch_tokens,
+                                autocast_ctx=compute.autocast_ctx)
+    counts = torch.tensor([result.correct_norm, result.total], dtype=torch.long, device=compute.device)
+    if compute.ddp:
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    correct, total = counts.tolist()
+    run.hella = correct / total
+    run.metrics(step, **{"hellaswag/acc_norm": run.hella})
+    compute.print0(f"HellaSwag accuracy: {correct}/{total}={correct / total:.4f}")
+    run.log(f"{step} hella {correct / total:.4f}")
+
+
+def print_samples(run):
+    prompt = "Hello, I'm a language model,"  # build-nanogpt's: 8 tokens, 32 in all
+    with run.compute.autocast_ctx:
+        samples = sample_text(run.raw_model, run.enc, prompt, 4, 32 - len(run.enc.encode(prompt)),
+                              run.compute.device, seed=42)
+    for i, text in enumerate(samples):
+        one_line = text.replace("\n", "\\n")  # one line per sample, its newlines shown as \n
+        print(f"sample {i}: {one_line}")
 
 
 def stop_run(run, step, saved, stop_signals):
@@ -727,7 +745,7 @@ def finish_run(run):
     args, compute = run.args, run.compute
     if compute.master and args.benchmark:
         speed.print_benchmark(args, run.step_times, run.flops_per_token, run.peak_flops, compute.world_size,
-                              compute.device_type)
+                              compute.device_type, speed.model_state_bytes(run.raw_model, run.optimizer))
     elif compute.master:
         print_summary(run)
         if run.wandb is not None:
@@ -789,6 +807,9 @@ def compute_init(args):
     device_type = runtime.check_device_type(args.device)
     if ddp and device_type == "mps":
         raise UserError("torchrun with several processes is not supported on MPS; run `python train_gpt2.py`")
+    if args.fsdp and not ddp:
+        raise UserError("--fsdp shards the model across torchrun's processes; run it under torchrun, e.g. torchrun "
+                        "--standalone --nproc_per_node=8 train_gpt2.py --fsdp (1 for a single device)")
     if ddp:
         runtime.check_restartable()
         common.exit_with_parent(f"rank {rank}")  # a kill -9 of torchrun must not leave this rank training
@@ -915,10 +936,12 @@ def setup_run(args, compute, inputs, was_ours):
     checkpointer = checkpoints.Checkpointer(args, raw_model, optimizer, {"train": train_batches, "val": val_batches},
                                             start_step, compute.master, compute.world_size, inputs.data_identity)
     val_loss = checkpointer.restore(ckpt) if ckpt else None
-    if compute.ddp:
+    if compute.ddp and not args.fsdp:
         model = DDP(model, device_ids=[compute.local_rank] if compute.device_type == "cuda" else None)
     # HellaSwag batches vary in shape: a compiled graph of its own, with dynamic shapes, on the same weights
-    hidden = torch.compile(raw_model.hidden_states, dynamic=True) if compute.use_compile else raw_model.hidden_states
+    # (under --fsdp the blocks are compiled already)
+    compiled = compute.use_compile and not args.fsdp
+    hidden = torch.compile(raw_model.hidden_states, dynamic=True) if compiled else raw_model.hidden_states
     run = Run(args, compute, raw_model, model, optimizer, train_batches, val_batches,
               hellaswag.Model(hidden, raw_model.logits, config.block_size), inputs.enc, inputs.val_tokens,
               grad_accum_steps=accumulation_steps(args, compute, args.batch_size),
@@ -1031,13 +1054,18 @@ def build_model(args, config, compute):
         # TF32 matmuls (10-bit mantissa inputs, fp32 accumulation); CPU matmuls stay full fp32
         torch.set_float32_matmul_precision("high" if args.tf32 else "highest")
     raw_model = GPT(config).to(compute.device)
+    if args.recompute:
+        speed.recompute_blocks(raw_model)
+    if args.fsdp:  # each rank keeps its 1/N of every weight from here on; compiled block by block
+        sharding.shard_model(raw_model, compute.dtype, args.compile_mode if compute.use_compile else None)
     if args.optimizer == "muon":
         fused = (compute.device_type == "cuda") if args.fused_adamw is None else args.fused_adamw
         optimizer = variants.muon_optimizers(raw_model, args, fused)
     else:
         optimizer = raw_model.configure_optimizers(args.weight_decay, args.max_lr, compute.device_type,
                                                    args.fused_adamw, args.adam_betas, args.adam_eps)
-    model = torch.compile(raw_model, mode=args.compile_mode) if compute.use_compile else raw_model
+    whole = compute.use_compile and not args.fsdp
+    model = torch.compile(raw_model, mode=args.compile_mode) if whole else raw_model
     return raw_model, model, optimizer
 
 
@@ -1048,7 +1076,9 @@ def describe_run(run, resumed_from, notes):
     n_decay = sum(p.numel() for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"])
     n_params = run.raw_model.num_params(non_embedding=False)
     compute.print0(f"device {compute.device} | dtype {compute.dtype} | compile {compute.use_compile}"
-                   + (f" ({args.compile_mode})" if compute.use_compile else "") + f" | processes {W} | attention "
+                   + (f" ({args.compile_mode})" if compute.use_compile else "") + f" | processes {W}"
+                   + (" (FSDP: sharded)" if args.fsdp else "") + (" | recompute" if args.recompute else "")
+                   + " | attention "
                    f"{args.attention} ({args.sdpa_backend}) | fused AdamW {optimizer.defaults.get('fused') or False} | "
                    f"chunked CE {args.chunked_ce or 'off'} | prefetch {args.prefetch}"
                    + (f" | keep freed memory {compute.keeps_freed_memory}" if compute.device_type == "cpu" else ""))
@@ -1247,6 +1277,13 @@ def add_system_flags(p):
     g.add_argument("--sdpa_backend", choices=list(speed.SDPA_BACKENDS), default="auto",
                    help="the kernel behind scaled_dot_product_attention, with math for the calls it refuses "
                         "(auto: torch's choice; cudnn, efficient: CUDA only)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the weights, gradients and optimizer state across the processes "
+                        "(FSDP2, block by block; bf16 weights for compute, fp32 reduction), for models that do not "
+                        "fit under DDP; resume points become sharded folders that resume at any process count")
+    g.add_argument("--recompute", action="store_true",
+                   help="activation checkpointing: each block's activations recomputed in the backward pass instead "
+                        "of kept (less memory, about a third more compute; same math)")
     g.add_argument("--chunked_ce", type=int, default=0, metavar="ROWS",
                    help="lm_head + loss ROWS rows at a time, never the whole batch's logits (0: off; same math)")
     g.add_argument("--prefetch", action=argparse.BooleanOptionalAction, default=True,
@@ -1322,6 +1359,10 @@ def parse_args(argv=None):
         p.error("--hellaswag_batch_tokens must be >= 0")
     if args.save_every < 0 or args.save_every_minutes < 0 or args.keep_last < 1:
         p.error("--save_every and --save_every_minutes must be >= 0, --keep_last >= 1")
+    if args.fsdp and (args.batch_size == "auto" or args.compile_mode in ("reduce-overhead", "max-autotune")):
+        p.error("--fsdp gathers each block's weights in collectives that every process must reach together: -B "
+                "auto's out-of-memory probes and CUDA graphs (--compile_mode reduce-overhead, max-autotune) would "
+                "part them; pass a number to -B and another --compile_mode")
     if args.preflight and args.benchmark:
         p.error("--preflight measures speed too, and runs every phase; drop --benchmark")
     if args.benchmark:  # speed only: nothing read from or written to disk, nothing but training steps

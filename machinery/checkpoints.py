@@ -7,27 +7,41 @@ Checkpointer decides which is due at each step, the one place that does. Both ho
 full state of the run at the top of `step`, after `step` updates: weights, AdamW's moments, both data
 loaders' positions and every RNG, so a resumed run writes the same log.txt as one never stopped.
 Every file is written to a temporary name and renamed, so a crash leaves the old file or the new one.
+Under --fsdp a resume point is a folder, ckpt_{step}/: each rank writes its shards of the weights and the
+optimizer's state there with torch.distributed.checkpoint (which reads them back at any number of ranks),
+and rank 0 the rest in state.pt; milestones stay whole single files, gathered from the shards.
 """
 
 import contextlib
 import os
 import random
 import re
+import shutil
 import signal
 import time
+import warnings
 import zlib
 from dataclasses import asdict
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+
+from machinery import sharding
 
 from machinery.common import (RunDiverged, UserError, atomic_write, file_fingerprint, first_line, lock_folder,
                               unusable_folder, write_failure)
 
-CHECKPOINT_RE = re.compile(r"^(model|ckpt)_(\d+)\.pt$")
+CHECKPOINT_RE = re.compile(r"^(model|ckpt)_(\d+)(\.pt)?$")  # no .pt: a sharded one (--fsdp), a folder
+# what a sharded folder holds (and the temporary names torch and this script write there)
+SHARDED_FILE_RE = re.compile(r"^(\.metadata|__(\d+)_\d+\.distcp|state\.pt)(\.tmp)?$")
+STATE_NAME = "state.pt"  # in a sharded folder: everything but the weights and the optimizer's state
 LOCK_NAME = "train_gpt2.lock"  # held by the run that owns the folder; also marks it as one this script ran in
 DIVERGED_NAME = "diverged.txt"  # written when the run diverges: rerunning the same command is refused
-OWN_TEMP_RE = re.compile(r"^((model|ckpt)_\d+\.pt|log\.txt)\.tmp$")  # the temporary names this script writes
+OWN_TEMP_RE = re.compile(r"^((model|ckpt)_\d+\.pt|ckpt_\d+|log\.txt)\.tmp$")  # the temporary names this script writes
 # a whole log.txt line, newline included: anything else (a line torn by a crash or a full disk, zeros a crash left
 # in an unwritten page) is never kept on resume, whatever its first characters are
 LOG_LINE_RE = re.compile(r"^(\d+) (train|val|hella) (-?\d+\.\d+|-?inf|nan)\n$")
@@ -112,8 +126,20 @@ def check_same_data(ckpt, identity, args):
     return [f"--new_data: {what}; training goes on with this data, read from its start"]
 
 
-def load_checkpoint(path, device="cpu"):
-    """torch.load with weights_only=True, and a clear error for a missing, truncated, corrupt or foreign file."""
+def load_checkpoint(path, device="cpu", weights=True):
+    """torch.load with weights_only=True, and a clear error for a missing, truncated, corrupt or foreign file.
+    A sharded folder (--fsdp's resume points): its state.pt, with "sharded" set; with `weights`, also the
+    whole model's tensors read from every rank's shards (as "model", for the tools that score or sample)."""
+    if os.path.isdir(path):
+        return load_sharded_checkpoint(path, weights)
+    ckpt = load_pt(path, device)
+    if not {"model", "config", "step"} <= set(ckpt):
+        raise UserError(f"{path} is not a train_gpt2.py checkpoint (no model, config and step in it)")
+    return ckpt
+
+
+def load_pt(path, device):
+    """One torch.save file of this script's, its checksum checked."""
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
@@ -121,11 +147,75 @@ def load_checkpoint(path, device="cpu"):
     except Exception as e:  # a damaged file can fail in the zip reader, the unpickler or torch: whatever it is
         raise UserError(f"{path} is not a readable train_gpt2.py checkpoint ({type(e).__name__}: "
                         f"{first_line(e)})") from None
-    if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= set(ckpt):
+    if not isinstance(ckpt, dict):
         raise UserError(f"{path} is not a train_gpt2.py checkpoint (no model, config and step in it)")
     if "checksum" in ckpt and payload_crc({k: v for k, v in ckpt.items() if k != "checksum"}) != ckpt["checksum"]:
         raise UserError(f"{path} is corrupt: its contents do not match the checksum saved with them")
     return ckpt
+
+
+def load_sharded_checkpoint(path, weights):
+    """A folder written by write_sharded: state.pt, and every rank's shard file that its world size promises."""
+    names = os.listdir(path)
+    if STATE_NAME not in names or ".metadata" not in names:
+        raise UserError(f"{path} is a folder without .metadata and {STATE_NAME}: not a sharded train_gpt2.py "
+                        "checkpoint (those are written by --fsdp); pass a checkpoint file or folder")
+    ckpt = load_pt(os.path.join(path, STATE_NAME), "cpu")
+    ranks = {int(m.group(2)) for n in names if (m := SHARDED_FILE_RE.match(n)) and m.group(2) and not m.group(3)}
+    if not {"config", "step", "world_size"} <= set(ckpt) or ranks != set(range(ckpt["world_size"])):
+        raise UserError(f"{path} is incomplete: it holds the shards of ranks {sorted(ranks)} of "
+                        f"{ckpt.get('world_size', '?')}; resume from another checkpoint (--resume PATH)")
+    ckpt = dict(ckpt, sharded=True)
+    if weights:
+        ckpt["model"] = read_sharded_weights(path)
+    return ckpt
+
+
+def read_sharded_weights(path):
+    """The model's whole tensors from a sharded folder, in this one process: each is made empty at the size
+    its metadata records, then torch.distributed.checkpoint fills it from the shards."""
+    try:
+        reader = dcp.FileSystemReader(path)
+        entries = reader.read_metadata().state_dict_metadata
+        model = {k[len("model."):]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in entries.items()
+                 if k.startswith("model.")}
+        with warnings.catch_warnings():  # torch warns that it reads in this one process: that is the intent
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": model}, storage_reader=reader, no_dist=True)
+    except Exception as e:  # a damaged or missing shard file
+        raise UserError(f"{path}: its shards are unreadable ({type(e).__name__}: {first_line(e)})") from None
+    return model
+
+
+def checkpoint_path(log_dir, name, step, sharded=False):
+    """model_{step}.pt / ckpt_{step}.pt, or a sharded resume point's folder, ckpt_{step}."""
+    return os.path.join(log_dir, f"{name}_{step:05d}" + ("" if sharded else ".pt"))
+
+
+def torch_optimizers(optimizer):
+    """The torch optimizers behind `optimizer` (several under Muon: variants.Optimizers), for torch's
+    distributed state-dict functions."""
+    return list(optimizer.optimizers.values()) if hasattr(optimizer, "optimizers") else optimizer
+
+
+def sharded_state(model, optimizer):
+    """The weights and the optimizer's state keyed by parameter name, each rank's shards as DTensors (plain
+    tensors for a plain model): what torch.distributed.checkpoint writes, and reads at another world size."""
+    return {"model": get_model_state_dict(model),
+            "optimizer": get_optimizer_state_dict(model, torch_optimizers(optimizer))}
+
+
+def shard_optimizer_state(state, optimizer):
+    """A .pt checkpoint's whole optimizer state, each moment of a sharded parameter cut to this rank's shard
+    (under --fsdp; for a plain model, the state as it is). Muon's two optimizers each get their own."""
+    if hasattr(optimizer, "optimizers"):
+        if set(state) != set(optimizer.optimizers):
+            return state  # another --optimizer's: Optimizers.load_state_dict says so
+        return {name: shard_optimizer_state(state[name], opt) for name, opt in optimizer.optimizers.items()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return dict(state, state={i: {k: sharding.shard_like(v, params[i]) if torch.is_tensor(v) and v.shape ==
+                                  params[i].shape else v for k, v in moments.items()}
+                              for i, moments in state["state"].items()})
 
 
 # -----------------------------------------------------------------------------
@@ -138,13 +228,16 @@ class Checkpointer:
     run's stateful parts (model, optimizer, the train and val loaders), at the top of `step`:
     model_{step}.pt every --checkpoint_every steps and at the last step (milestones, kept); otherwise
     ckpt_{step}.pt every --save_every steps, every --save_every_minutes (rank 0's clock, agreed by all
-    ranks), and on a stop signal, rotated by --keep_last. Only rank 0 writes, and --benchmark writes nothing.
+    ranks), and on a stop signal, rotated by --keep_last. Only rank 0 writes files, and --benchmark writes
+    nothing; under --fsdp every rank takes part (its shards), and the resume points are ckpt_{step}/ folders.
     """
 
     def __init__(self, args, model, optimizer, loaders, start_step, writer, world_size, identity):
         self.args, self.model, self.optimizer, self.loaders = args, model, optimizer, loaders
         self.start_step = start_step  # the resume point this run began from is not written again
         self.writer = writer and not args.benchmark  # rank 0
+        self.sharded = sharding.is_sharded(model)
+        self.takes_part = (writer or self.sharded) and not args.benchmark
         self.world_size, self.identity = world_size, identity  # recorded: resuming checks them
         self.wandb_id = None  # --wandb: a resumed run goes on logging into the same W&B run
         self.last_save = time.time()
@@ -169,25 +262,34 @@ class Checkpointer:
     def save(self, step, val_loss, last_step=False, stop=False, timed=False):
         """Write what is due at the top of `step` (see due()); returns its path, or None."""
         name = self.due(step, last_step, stop, timed)
-        if name is None or not self.writer:
+        if name is None or not self.takes_part:
             return None
-        path = os.path.join(self.args.log_dir, f"{name}_{step:05d}.pt")
-        self.write(path, step, val_loss)
-        print(f"saved {path}")
+        sharded = self.sharded and name == "ckpt"
+        path = checkpoint_path(self.args.log_dir, name, step, sharded)
+        self.check_finite(path, step)
+        (self.write_sharded if sharded else self.write)(path, step, val_loss)
         self.last_save = time.time()
-        if name == "ckpt":
-            rotate_checkpoints(self.args.log_dir, self.args.keep_last, step)
+        if self.writer:
+            print(f"saved {path}")
+            if name == "ckpt":
+                rotate_checkpoints(self.args.log_dir, self.args.keep_last, step)
         return path
 
-    def write(self, path, step, val_loss):
-        """Everything the next step depends on, and a checksum of it; a diverged state is never written (it
-        would rotate the last healthy resume points away)."""
-        if not all(torch.isfinite(t).all() for t in self.model.state_dict().values()):
+    def check_finite(self, path, step):
+        """A diverged state is never written: it would rotate the last healthy resume points away. Under
+        --fsdp each rank looks at its shards and all agree."""
+        finite = all(torch.isfinite(sharding.local(t)).all() for t in self.model.state_dict().values())
+        if self.sharded:
+            flag = torch.tensor(float(finite), device=sharding.local(next(self.model.parameters())).device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = flag.item() == 1.0
+        if not finite:
             raise UserError(f"not saving {path}: the weights hold NaN or inf, the run diverged before step {step}; "
                             f"lower --max_lr (now {self.args.max_lr}) and rerun to resume from the last checkpoint")
-        payload = {
-            "model": self.model.state_dict(),  # the plain module: no "_orig_mod." or "module." prefixes
-            "optimizer": self.optimizer.state_dict(),
+
+    def run_state(self, step, val_loss):
+        """Everything the next step depends on but the weights and the optimizer's state."""
+        state = {
             "config": model_config(self.model.config),
             "step": step,
             "val_loss": val_loss,
@@ -198,16 +300,64 @@ class Checkpointer:
             "rng": rng_state(),
         }
         if self.wandb_id is not None:
-            payload["wandb_id"] = self.wandb_id
+            state["wandb_id"] = self.wandb_id
+        return state
+
+    def write(self, path, step, val_loss):
+        """One file (rank 0's) with everything the next step depends on, and a checksum of it. Under --fsdp
+        the weights and moments are gathered whole from every rank first: the same file a DDP run writes."""
+        model_state, optimizer_state = self.model.state_dict(), self.optimizer.state_dict()
+        if self.sharded:
+            model_state = self.model.state_dict(keep_vars=True)  # the parameters: the tied one is met twice
+            model_state, optimizer_state = sharding.full_tensors((model_state, optimizer_state))
+        if not self.writer:
+            return
+        # the plain module's names: no "_orig_mod." or "module." prefixes
+        payload = {"model": model_state, "optimizer": optimizer_state, **self.run_state(step, val_loss)}
         atomic_torch_save(dict(payload, checksum=payload_crc(payload)), path)
+
+    def write_sharded(self, path, step, val_loss):
+        """--fsdp's resume point: a folder in which every rank writes its shards (torch.distributed.checkpoint)
+        and rank 0 state.pt, made under a temporary name and renamed when whole, as the files are."""
+        temp = path + ".tmp"
+        if self.writer:
+            remove_checkpoint(temp)  # one that a crash cut short
+            os.makedirs(temp)
+        dist.barrier()  # the folder exists before any rank writes in it
+        try:
+            dcp.save(sharded_state(self.model, self.optimizer), checkpoint_id=temp)
+        except Exception as e:  # on every rank: torch gathers each rank's failure
+            raise UserError(f"could not write checkpoint {path} ({first_line(e)[:200]}); the earlier checkpoints are "
+                            "intact: free some space, then rerun the same command to resume") from None
+        if self.writer:
+            state = self.run_state(step, val_loss)
+            atomic_torch_save(dict(state, checksum=payload_crc(state)), os.path.join(temp, STATE_NAME))
+            remove_checkpoint(path)  # left by an abandoned later save: this run has come back to its step
+            os.rename(temp, path)
 
     def restore(self, ckpt):
         """Put a run's saved state back: weights, the optimizer's moments, both loaders' positions (unless the
-        data is new, see check_same_data), every RNG. Returns the last val loss it recorded."""
-        self.model.load_state_dict(ckpt["model"])
+        data is new, see check_same_data), every RNG. Returns the last val loss it recorded. A sharded
+        checkpoint is read at this run's world size and layout, sharded or not; a whole one is cut to shards."""
         # the saved param groups replace the new ones: keep this run's flags (--weight_decay, the lr shares)
         flags = [{k: g[k] for k in ("weight_decay", "lr_scale") if k in g} for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(ckpt["optimizer"])  # moves the moments to the parameters' device
+        if ckpt.get("sharded"):
+            state = sharded_state(self.model, self.optimizer)
+            try:
+                with warnings.catch_warnings():  # (a single process: as above)
+                    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                    dcp.load(state, checkpoint_id=ckpt["path"], no_dist=not dist.is_initialized())
+            except Exception as e:
+                raise UserError(f"{ckpt['path']}: its shards are unreadable ({first_line(e)[:200]}); resume from "
+                                "another checkpoint (--resume PATH)") from None
+            set_model_state_dict(self.model, state["model"])
+            set_optimizer_state_dict(self.model, torch_optimizers(self.optimizer), state["optimizer"])
+        else:
+            like = self.model.state_dict()
+            self.model.load_state_dict({k: sharding.shard_like(v, like[k]) if k in like else v
+                                        for k, v in ckpt["model"].items()})
+            # moves the moments to the parameters' device
+            self.optimizer.load_state_dict(shard_optimizer_state(ckpt["optimizer"], self.optimizer))
         for group, kept in zip(self.optimizer.param_groups, flags):
             group.update(kept)
         if ckpt.get("data_identity", self.identity) == self.identity:
@@ -226,9 +376,31 @@ def list_checkpoints(log_dir):
     found = []
     for name in os.listdir(log_dir) if os.path.isdir(log_dir) else []:
         m = CHECKPOINT_RE.match(name)
-        if m:
-            found.append((int(m.group(2)), os.path.join(log_dir, name)))
+        path = os.path.join(log_dir, name)
+        if m and (m.group(3) or is_own_sharded(path)):
+            found.append((int(m.group(2)), path))
     return sorted(found, reverse=True)
+
+
+def is_own_sharded(path):
+    """A folder that holds only what write_sharded writes: ours to read, rotate and delete. Any other folder
+    by such a name is left alone."""
+    return os.path.isdir(path) and not os.path.islink(path) and all(SHARDED_FILE_RE.match(n)
+                                                                      for n in os.listdir(path))
+
+
+def is_checkpoint(path):
+    """A path the tools read as this script's checkpoint: a .pt file, or a sharded folder (--fsdp's)."""
+    return path.endswith(".pt") or (is_own_sharded(path) and os.path.exists(os.path.join(path, STATE_NAME)))
+
+
+def remove_checkpoint(path):
+    """Delete a checkpoint this script wrote: a file, or a sharded folder (only if it is one of ours)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        if is_own_sharded(path):
+            shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
 
 
 def find_resume_checkpoint(args, device):
@@ -236,11 +408,11 @@ def find_resume_checkpoint(args, device):
     if args.resume == "none" or args.overwrite:
         return None
     if args.resume != "auto":
-        return dict(load_checkpoint(args.resume, device), path=args.resume)
+        return dict(load_checkpoint(args.resume, device, weights=False), path=args.resume)
     candidates = list_checkpoints(args.log_dir)
     for _, path in candidates:
         try:
-            ckpt = load_checkpoint(path, device)
+            ckpt = load_checkpoint(path, device, weights=False)  # a sharded one's shards: read into the model
         except UserError as e:
             print(f"warning: skipping {e}")  # a truncated newest file: fall back to the one before
             continue
@@ -253,7 +425,7 @@ def find_resume_checkpoint(args, device):
 
 def check_resumable(ckpt, config, args, world_size):
     """Refuse a checkpoint of another model or token stream; report the changes that are allowed."""
-    if not {"optimizer", "data", "rng", "args", "world_size"} <= set(ckpt):
+    if not {"data", "rng", "args", "world_size"} <= set(ckpt) or not ("optimizer" in ckpt or ckpt.get("sharded")):
         raise UserError(f"{ckpt.get('path', 'the checkpoint')} holds weights only, not a run's full state; "
                         "it cannot be resumed (use --resume none)")
     saved, ours = ckpt["args"], model_config(config)
@@ -348,7 +520,7 @@ def prepare_log_dir(args, resumed_from, resume_step, was_ours):
 def _prepare_log_dir(args, resumed_from, resume_step, was_ours):
     for name in os.listdir(args.log_dir):
         if OWN_TEMP_RE.match(name):  # a save or log rewrite that a crash cut short
-            os.remove(os.path.join(args.log_dir, name))
+            remove_checkpoint(os.path.join(args.log_dir, name))
     problem = log_dir_problem(args, resumed_from, resume_step, was_ours)
     if problem:
         raise UserError(problem)
@@ -357,7 +529,7 @@ def _prepare_log_dir(args, resumed_from, resume_step, was_ours):
         truncate_log(log_file, resume_step)
         return log_file
     for f in previous_run(args.log_dir):
-        os.remove(f)
+        remove_checkpoint(f)
     open(log_file, "w").close()
     return log_file
 
@@ -442,7 +614,7 @@ def rotate_checkpoints(log_dir, keep_last, step):
     resume_points = [path for s, path in list_checkpoints(log_dir)
                      if s <= step and os.path.basename(path).startswith("ckpt_")]
     for path in resume_points[keep_last:]:
-        os.remove(path)
+        remove_checkpoint(path)
 
 
 # -----------------------------------------------------------------------------

@@ -148,6 +148,7 @@ def train_phases(args, real, recipe, compute, inputs, phases, was_ours):
         run.checkpointer.save(step, run.val_loss, stop=True)  # a resume point: what a stop signal writes
         if compute.ddp:
             dist.barrier()  # written whole before any rank loads it
+        saved = checkpoints.checkpoint_path(args.log_dir, "ckpt", step, run.checkpointer.sharded)
     report["save_time"] = phases.seconds["checkpoint"]
     with phases("ranks"):
         check_same_weights(run, compute)
@@ -155,7 +156,7 @@ def train_phases(args, real, recipe, compute, inputs, phases, was_ours):
     with phases("resume"):
         live = train_steps(recipe, run, step, RESUME_STEPS)[1]
         del run  # the fresh model takes its place in memory
-        check_resumed(recipe, args, compute, step, live)
+        check_resumed(recipe, args, compute, step, live, saved)
     return report
 
 
@@ -244,13 +245,14 @@ def check_disk(real, run, file_bytes):
     return milestones, resume_points, kept
 
 
-def check_resumed(recipe, args, compute, step, live):
-    """The steps from `step` again, from the checkpoint saved there loaded into a fresh model and optimizer:
-    their losses must equal `live`, the run's own (bit for bit on CPU), or a resumed run would not continue it."""
+def check_resumed(recipe, args, compute, step, live, saved):
+    """The steps from `step` again, from the checkpoint saved there (`saved`: under --fsdp a sharded folder)
+    loaded into a fresh model and optimizer: their losses must equal `live`, the run's own (bit for bit on
+    CPU), or a resumed run would not continue it."""
     gc.collect()
     if compute.device_type == "cuda":
         torch.cuda.empty_cache()
-    args.resume = os.path.join(args.log_dir, f"ckpt_{step:05d}.pt")  # saved by rank 0, read by every rank
+    args.resume = saved  # read by every rank
     inputs = recipe.check_inputs(args, compute)
     with contextlib.redirect_stdout(io.StringIO()):  # its description was printed once already
         resumed = recipe.setup_run(args, compute, inputs, was_ours=True)
@@ -265,8 +267,9 @@ def check_resumed(recipe, args, compute, step, live):
 
 
 def check_same_weights(run, compute):
-    """DDP keeps one model on every rank: each parameter's sum is the same everywhere, to the bit."""
-    if not compute.ddp:
+    """DDP keeps one model on every rank: each parameter's sum is the same everywhere, to the bit. (Under
+    --fsdp each rank holds its own shards: nothing to compare.)"""
+    if not compute.ddp or run.checkpointer.sharded:
         return
     sums = torch.stack([p.detach().double().sum() for p in run.raw_model.parameters()])
     low, high = sums.clone(), sums.clone()

@@ -7,9 +7,11 @@ Device and speed tooling for train_gpt2.py. None of it changes what is computed,
 - DevicePrefetcher (the next batch on its way while the device works) and SyntheticLoader (random tokens)
 - ChunkedCrossEntropy (--chunked_ce): lm_head and the loss without the whole batch's logits
 - keep_freed_cpu_memory (--keep_freed_memory): glibc's malloc tuned for training steps on CPU
+- recompute_blocks (--recompute): activation checkpointing, block by block
 """
 
 import ctypes
+import functools
 import json
 import os
 import re
@@ -19,6 +21,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from machinery.common import UserError
 from machinery.runtime import synchronize
@@ -122,8 +125,9 @@ def peak_memory_bytes(device_type):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
-def print_benchmark(args, step_times, flops_per_token, peak_flops, world_size, device_type):
-    """The median step after warm-up (the first fifth of the steps, at least one: compilation, allocator)."""
+def print_benchmark(args, step_times, flops_per_token, peak_flops, world_size, device_type, state_bytes=None):
+    """The median step after warm-up (the first fifth of the steps, at least one: compilation, allocator).
+    state_bytes: what this process holds of the weights, gradients and optimizer state (model_state_bytes)."""
     warmup = max(1, len(step_times) // 5)
     measured = sorted(step_times[warmup:] or step_times)
     ms = 1000 * measured[len(measured) // 2]
@@ -132,10 +136,27 @@ def print_benchmark(args, step_times, flops_per_token, peak_flops, world_size, d
     peak_memory = peak_memory_bytes(device_type) / 2 ** 30
     result = dict(ms_per_step=round(ms, 2), tokens_per_sec=round(tokens_per_sec), mfu=mfu and round(mfu, 2),
                   peak_memory_gib=round(peak_memory, 2), steps_measured=len(measured), warmup_steps=warmup)
+    if state_bytes is not None:
+        result["state_gib"] = round(state_bytes / 2 ** 30, 3)
     print(f"benchmark: median {ms:.2f} ms/step over {len(measured)} steps after {warmup} warm-up | "
           f"{tokens_per_sec:,.0f} tok/s | MFU {'n/a' if mfu is None else f'{mfu:.2f}%'} | "
-          f"peak {'GPU' if device_type == 'cuda' else 'process'} memory {peak_memory:.2f} GiB")
+          f"peak {'GPU' if device_type == 'cuda' else 'process'} memory {peak_memory:.2f} GiB"
+          + ("" if state_bytes is None else f" | weights, gradients, optimizer state {state_bytes / 2 ** 30:.3f} "
+                                            "GiB in this process"))
     print("BENCHMARK " + json.dumps(result))  # for benchmarks/ladder.py
+
+
+def model_state_bytes(model, optimizer):
+    """The bytes of the weights, their gradients and the optimizer's state that this process holds: all of
+    them under DDP, its shards under --fsdp (a DTensor's local part)."""
+    def local_bytes(t):
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    total = sum(local_bytes(p) + (local_bytes(p.grad) if p.grad is not None else 0) for p in model.parameters())
+    states = [opt.state for opt in getattr(optimizer, "optimizers", {"": optimizer}).values()]
+    return total + sum(local_bytes(v) for state in states for moments in state.values() for v in moments.values()
+                       if torch.is_tensor(v))
 
 
 # -----------------------------------------------------------------------------
@@ -350,3 +371,22 @@ def chunked_cross_entropy(x, weight, targets, chunk_rows):
     """The mean loss of lm_head(x) against targets, with x (B, T, C), through ChunkedCrossEntropy."""
     return ChunkedCrossEntropy.apply(x.view(-1, x.size(-1)), weight, targets.view(-1), chunk_rows,
                                      torch.is_grad_enabled())
+
+
+# -----------------------------------------------------------------------------
+# Activation checkpointing
+
+
+def recompute_blocks(model):
+    """--recompute: each block keeps only its input for the backward pass, which runs the block's forward
+    again to get the rest (torch.utils.checkpoint). Activation memory falls from every intermediate of
+    every block to one (B, T, n_embd) tensor per block; the cost is one more forward, about a third of a
+    step. The same operations on the same inputs: the same numbers."""
+    for block in model.transformer.h:
+        block.forward = functools.partial(recomputed_forward, block.forward)
+
+
+def recomputed_forward(forward, x, cache=None):
+    if cache is not None or not torch.is_grad_enabled():  # generation and evaluation keep nothing anyway
+        return forward(x, cache)
+    return checkpoint(forward, x, use_reentrant=False)

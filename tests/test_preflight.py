@@ -89,12 +89,18 @@ def test_resuming_a_real_run_leaves_its_folder_byte_for_byte(shards, hellaswag_d
     assert snapshot(log_dir) == before and leftovers(tmp) == []
 
 
-def test_two_gloo_ranks_pass_and_measure_the_link(shards, hellaswag_dir, tmp_path):
-    """Under torchrun, and with the speedrun-simple recipe's two optimizers and --val_tokens."""
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_gloo_ranks_pass_and_measure_the_link(shards, hellaswag_dir, tmp_path, mode):
+    """Under torchrun, and with the speedrun-simple recipe's two optimizers and --val_tokens; under --fsdp
+    (and --recompute) the resume phase saves and loads a sharded checkpoint."""
     log_dir, tmp = tmp_path / "log", tmp_path / "tmp"
-    proc = preflight(shards, log_dir, tmp, "--recipe", "speedrun-simple", "--val_tokens", 2048, nproc=2)
+    fsdp = ["--fsdp", "--recompute"] if mode == "fsdp" else []
+    proc = preflight(shards, log_dir, tmp, "--recipe", "speedrun-simple", "--val_tokens", 2048, *fsdp, nproc=2)
     assert_passed(proc)
-    assert "processes 2" in proc.stdout and "preflight: link: all-reduce of " in proc.stdout
+    saved = next(line for line in proc.stdout.splitlines() if line.startswith("saved "))
+    assert saved.endswith("ckpt_00004") if fsdp else saved.endswith("ckpt_00004.pt")
+    assert "processes 2" + (" (FSDP: sharded) | recompute" if fsdp else " |") in proc.stdout
+    assert "preflight: link: all-reduce of " in proc.stdout
     assert "recipe speedrun-simple" in proc.stdout and "val loss over the first 2,048 val tokens" in proc.stdout
     assert " GB/s" in proc.stdout.split("preflight: link:")[1].splitlines()[0]
     assert not os.path.exists(log_dir) and leftovers(tmp) == []

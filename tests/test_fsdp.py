@@ -1,0 +1,171 @@
+"""
+--fsdp (FSDP2) on CPU with gloo: its losses against DDP's at two ranks, its sharded resume points (kill -9
+then resume byte-identical; saved at 2 ranks resumed at 1 and the other way round; read by DDP runs and
+by the tools), its whole milestones, and its refusals. Real torchrun processes throughout.
+
+The tolerance: FSDP reduce-scatters each block's gradients where DDP all-reduces them in buckets, so the
+fp32 sums of the two ranks' gradients are added in another order and grouping, and differ in their last
+bits (about 1e-7 relative); AdamW, which divides each gradient by its own running scale, carries such
+differences into the weights at the learning rate's size. Measured over these 10 steps (plain, and with
+accumulation, clipping at 0.3 and --recompute): train losses within 1.5e-5 of DDP's, val losses within
+1e-4 at the 4-decimal precision log.txt keeps. TOLERANCE leaves a few times that.
+"""
+
+import glob
+import os
+import random
+import sys
+
+import pytest
+import torch
+from conftest import REPO, TINY_MODEL, read_log, run, write_shards
+from test_resume import kill9, log_bytes, logged, start, wait_until
+
+import train_gpt2
+from machinery import checkpoints
+
+pytestmark = pytest.mark.slow  # real training processes
+
+STEPS = 10
+TOLERANCE = 1e-4  # train and val losses, FSDP against DDP and across world sizes (see above)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("fsdp") / "data")
+    write_shards(root, [5 * 256 + 1, 3 * 256 + 1, 4 * 256 + 1])
+    write_shards(root, [2 * 256 + 1], split="val", first_index=0)
+    return root
+
+
+def train_args(data, log_dir, *extra):
+    return [str(a) for a in ["--data_dir", data, "--log_dir", log_dir, *TINY_MODEL, "-B", 4, "-T", 32,
+                             "--total_batch_size", 256, "--max_steps", STEPS, "--warmup_steps", 2, "--max_lr", 3e-3,
+                             "--eval_every", 4, "--val_tokens", 256, "--hellaswag_limit", 6, "--no-sample",
+                             "--save_every", 4, "--checkpoint_every", 100, *extra]]
+
+
+def torchrun(args, nproc):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            os.path.join(REPO, "train_gpt2.py"), *args]
+
+
+def finish(args, nproc=2):
+    proc = run(torchrun(args, nproc))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def assert_close(log_dir, reference, steps=None):
+    """Every train, val and HellaSwag line of log_dir against the reference's (from `steps` on)."""
+    ours, theirs = read_log(os.path.join(log_dir, "log.txt")), read_log(os.path.join(reference, "log.txt"))
+    assert ours.keys() == theirs.keys()
+    for kind in ours:
+        wanted = {s: v for s, v in theirs[kind].items() if steps is None or s >= steps}
+        assert ours[kind].keys() == wanted.keys(), kind
+        worst = max(abs(ours[kind][s] - wanted[s]) for s in wanted)
+        assert worst <= (0 if kind == "hella" else TOLERANCE), (kind, worst)
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory, hellaswag_dir):
+    """DDP and FSDP at two ranks: plain (with samples), and with accumulation, clipping at 0.3 and --recompute."""
+    configs = {"plain": ["--sample"], "accumulate": ["-B", "2", "--grad_clip", "0.3", "--recompute"]}
+    out = {}
+    for name, extra in configs.items():
+        for mode in ("ddp", "fsdp"):
+            log_dir = str(tmp_path_factory.mktemp(f"{name}_{mode}") / "log")
+            stdout = finish(train_args(data, log_dir, *extra, *(["--fsdp"] if mode == "fsdp" else [])))
+            out[name, mode] = log_dir, stdout
+    return out
+
+
+@pytest.mark.parametrize("name", ["plain", "accumulate"])
+def test_fsdp_matches_ddp_at_two_ranks(runs, name):
+    (ddp, ddp_out), (fsdp, fsdp_out) = runs[name, "ddp"], runs[name, "fsdp"]
+    assert "processes 2 (FSDP: sharded)" in fsdp_out and "FSDP" not in ddp_out
+    assert_close(fsdp, ddp)
+    clip = 0.3 if name == "accumulate" else 1.0
+    norms = [float(line.split("| norm ")[1].split()[0]) for line in fsdp_out.splitlines() if "| norm " in line]
+    assert max(norms) > clip  # the clipping was active
+    if name == "accumulate":
+        assert "x 2 accumulation steps" in fsdp_out and "| recompute" in fsdp_out
+    else:
+        assert fsdp_out.count("sample 0:") == 3  # rank 0 samples on the gathered model, the others wait
+
+
+def test_fsdp_checkpoints_resume_points_sharded_milestones_whole(runs):
+    fsdp = runs["plain", "fsdp"][0]
+    names = sorted(os.listdir(fsdp))
+    assert names == ["ckpt_00004", "ckpt_00008", "log.txt", "model_00009.pt", "train_gpt2.lock"]
+    assert sorted(os.listdir(os.path.join(fsdp, "ckpt_00008"))) == [".metadata", "__0_0.distcp", "__1_0.distcp",
+                                                                    "state.pt"]
+    # the milestone is the file a DDP run writes: the same names, shapes and layout, the tied matrix once
+    ours = checkpoints.load_checkpoint(os.path.join(fsdp, "model_00009.pt"))
+    theirs = checkpoints.load_checkpoint(os.path.join(runs["plain", "ddp"][0], "model_00009.pt"))
+    assert ours.keys() == theirs.keys() and ours["model"].keys() == theirs["model"].keys()
+    assert ours["model"]["lm_head.weight"] is ours["model"]["transformer.wte.weight"]
+    assert all(ours["model"][k].shape == v.shape for k, v in theirs["model"].items())
+    assert ours["optimizer"]["state"].keys() == theirs["optimizer"]["state"].keys()
+    assert all(torch.allclose(ours["model"][k], v, atol=1e-3) for k, v in theirs["model"].items())
+
+
+def test_kill9_under_fsdp_then_resume_is_byte_identical(data, runs, tmp_path):
+    reference = runs["plain", "fsdp"][0]
+    log_dir = str(tmp_path / "log")
+    args = train_args(data, log_dir, "--sample", "--fsdp")
+    k = random.Random().randint(5, STEPS - 2)
+    proc = start(args, nproc=2)  # killed while a sharded checkpoint is being written
+    wait_until(proc, lambda: glob.glob(os.path.join(log_dir, "ckpt_*.tmp")), timeout=300)
+    kill9(proc)
+    proc = start(args, nproc=2)
+    wait_until(proc, logged(log_dir, f"{k} train"), timeout=300)
+    kill9(proc)
+    stdout = finish(args)
+    assert "resuming at step" in stdout
+    assert log_bytes(log_dir) == log_bytes(reference), f"killed mid-save, then after step {k}"
+    assert not glob.glob(os.path.join(log_dir, "*.tmp"))
+
+
+def test_sharded_checkpoints_reshard_and_cross_over_to_ddp(data, runs, tmp_path):
+    """2 -> 1 rank and 1 -> 2 under --fsdp; a sharded one resumed by a plain single process (no process
+    group), and a DDP one by --fsdp: each continues the run within the tolerance."""
+    fsdp, ddp = runs["plain", "fsdp"][0], runs["plain", "ddp"][0]
+    finish(train_args(data, tmp_path / "to1", "--fsdp", "--resume", os.path.join(fsdp, "ckpt_00004")), nproc=1)
+    assert_close(tmp_path / "to1", fsdp, steps=4)
+
+    finish(train_args(data, tmp_path / "one", "--fsdp"), nproc=1)
+    assert_close(tmp_path / "one", fsdp)  # --val_tokens: the same val tokens at any world size
+    finish(train_args(data, tmp_path / "to2", "--fsdp", "--resume", tmp_path / "one" / "ckpt_00004"))
+    assert_close(tmp_path / "to2", fsdp, steps=4)
+
+    proc = run([sys.executable, os.path.join(REPO, "train_gpt2.py"),
+                *train_args(data, tmp_path / "plain", "--resume", os.path.join(fsdp, "ckpt_00008"))])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_close(tmp_path / "plain", fsdp, steps=8)
+
+    finish(train_args(data, tmp_path / "from_ddp", "--fsdp", "--resume", os.path.join(ddp, "ckpt_00008.pt")))
+    assert_close(tmp_path / "from_ddp", ddp, steps=8)
+
+
+def test_the_tools_read_a_sharded_checkpoint(runs, hellaswag_dir):
+    """hellaswag.py (like sample.py, export.py and app.py, through from_pretrained) reads a sharded folder's
+    weights whole, in one process: it scores what the run's own evaluation scored at that step."""
+    fsdp = runs["plain", "fsdp"][0]
+    proc = run([sys.executable, os.path.join(REPO, "hellaswag.py"), "-m", os.path.join(fsdp, "ckpt_00008"),
+                "--limit", "6", "--device", "cpu"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    acc_norm = float(proc.stdout.split("acc_norm ")[1].split()[0])
+    assert acc_norm == read_log(os.path.join(fsdp, "log.txt"))["hella"][8]
+    ckpt = checkpoints.load_checkpoint(os.path.join(fsdp, "ckpt_00008"))
+    assert ckpt["sharded"] and ckpt["step"] == 8 and ckpt["world_size"] == 2
+    assert ckpt["model"]["transformer.h.1.mlp.c_fc.weight"].shape == (256, 64)
+
+
+def test_fsdp_refusals_are_one_line(data, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train_gpt2.parse_args(["--fsdp", "-B", "auto"])
+    assert "-B auto" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        train_gpt2.main(train_args(data, tmp_path / "log", "--fsdp"))
+    assert "run it under torchrun" in str(e.value) and not os.path.exists(tmp_path / "log")
