@@ -153,9 +153,38 @@ def scored_position_losses(model, tokens, mask):
     return sum_loss, sum_loss / scored.sum(dim=1)
 
 
+# reference points per GPT-2 size, (n_layer, n_embd) -> baselines (sources in the README): OpenAI's GPT-2
+# checkpoint's HellaSwag acc_norm and its val loss on FineWeb, as llm.c's dev/vislog.ipynb has them (124M's
+# HellaSwag is build-nanogpt's figure too), its val loss on FineWeb-Edu where build-nanogpt measured one
+# (124M), and the GPT-3 paper's HellaSwag for the nearest GPT-3 size
+GPT2_SIZES = {
+    (12, 768): dict(name="124M", hella=0.294463, fineweb_edu=3.2924, fineweb=3.424958, gpt3=("Small, 125M", 0.337)),
+    (24, 1024): dict(name="355M", hella=0.375224, fineweb_edu=None, fineweb=3.083089, gpt3=("Medium, 350M", 0.436)),
+    (36, 1280): dict(name="774M", hella=0.431986, fineweb_edu=None, fineweb=3.000580, gpt3=("Large, 760M", 0.510)),
+    (48, 1600): dict(name="1558M", hella=0.488946, fineweb_edu=None, fineweb=2.831273, gpt3=("XL, 1.3B", 0.547)),
+}
+VAL_EXAMPLES = 10042  # in HellaSwag's val split
+
+
+def gpt2_baselines(n_layer, n_embd):
+    """GPT2_SIZES' entry for a model of these layers and width, or None when it is not one of GPT-2's sizes."""
+    return GPT2_SIZES.get((n_layer, n_embd))
+
+
+def baselines_line(shape):
+    """What OpenAI's models of this GPT-2 size scored (shape: (n_layer, n_embd)), or None for other shapes."""
+    size = gpt2_baselines(*shape) if shape else None
+    if size is None:
+        return None
+    gpt3, gpt3_hella = size["gpt3"]
+    return (f"for comparison, on all {VAL_EXAMPLES:,} val examples: OpenAI's GPT-2 {size['name']} acc_norm "
+            f"{size['hella']:.4f} (llm.c's measurement), GPT-3 {gpt3} {gpt3_hella:.3f} (its paper)")
+
+
 # A language model as scoring needs it: hidden(tokens) -> (B, T, C) states, head(states) -> logits,
-# and the longest sequence it takes.
-Model = namedtuple("Model", "hidden head max_len")
+# the longest sequence it takes, and its (n_layer, n_embd) when known (to name
+# the GPT-2 size it has).
+Model = namedtuple("Model", "hidden head max_len shape", defaults=(None,))
 Result = namedtuple("Result", "correct_norm correct total predictions")  # predictions: {index: (pred, pred_norm)}
 
 
@@ -226,14 +255,16 @@ def load_model(name_or_path, device, compile=False):
 
         gpt = train_gpt2.GPT.from_pretrained(name_or_path).to(device).eval()
         hidden, head, max_len = gpt.hidden_states, gpt.logits, gpt.config.block_size
+        shape = gpt.config.n_layer, gpt.config.n_embd
     else:
         # GPT-2 or Llama: base_model is the stack below the head
         hf = hf_convert.load_hf_model(name_or_path).to(device).eval()
         hidden, head, max_len = (lambda tokens: hf.base_model(tokens).last_hidden_state), hf.lm_head, \
             hf.config.max_position_embeddings
+        shape = getattr(hf.config, "n_layer", None), getattr(hf.config, "n_embd", None)  # (GPT-2's config names)
     if compile:
         hidden = torch.compile(hidden, dynamic=True)  # batch shapes vary: one graph for all of them
-    return Model(hidden, head, max_len)
+    return Model(hidden, head, max_len, shape)
 
 
 def main(argv=None):
@@ -285,6 +316,8 @@ def main(argv=None):
               f"| {time.time() - t0:.1f} s")
         if args.split == "val" and (note := not_the_real_val_set(args.cache_dir)):
             print(f"note: {note}")
+        elif args.split == "val" and (line := baselines_line(model.shape)):
+            print(line)
 
 
 if __name__ == "__main__":

@@ -12,22 +12,10 @@ in the folder; a folder without one (e.g. build-nanogpt's) is labelled "this run
 import os
 import sys
 
-import torch
 
 import hellaswag
 from machinery import checkpoints, common
 
-# reference points per GPT-2 size, (n_layer, n_embd) -> baselines (sources in the README): OpenAI's GPT-2
-# checkpoint's HellaSwag acc_norm and its val loss on FineWeb, as llm.c's dev/vislog.ipynb has them (124M's
-# HellaSwag is build-nanogpt's figure too), its val loss on FineWeb-Edu where build-nanogpt measured one
-# (124M), and the GPT-3 paper's HellaSwag for the nearest GPT-3 size
-GPT2_SIZES = {
-    (12, 768): dict(name="124M", hella=0.294463, fineweb_edu=3.2924, fineweb=3.424958, gpt3=("Small, 125M", 0.337)),
-    (24, 1024): dict(name="355M", hella=0.375224, fineweb_edu=None, fineweb=3.083089, gpt3=("Medium, 350M", 0.436)),
-    (36, 1280): dict(name="774M", hella=0.431986, fineweb_edu=None, fineweb=3.000580, gpt3=("Large, 760M", 0.510)),
-    (48, 1600): dict(name="1558M", hella=0.488946, fineweb_edu=None, fineweb=2.831273, gpt3=("XL, 1.3B", 0.547)),
-}
-HELLASWAG_VAL_EXAMPLES = 10042
 CHANCE = 0.25  # four endings
 
 
@@ -62,8 +50,8 @@ def newest_checkpoint(log_dir):
     none (build-nanogpt's folders)."""
     for _, path in checkpoints.list_checkpoints(log_dir):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # a damaged file: try the one before
+            return checkpoints.load_checkpoint(path)  # a .pt file, or --fsdp's sharded folder read whole
+        except common.UserError:  # a damaged one: try the one before
             continue
     return None
 
@@ -72,7 +60,8 @@ def gpt2_size(ckpt):
     """The baselines of the GPT-2 size the checkpoint's model has (its layers and width), or 124M's when it is
     none of the four or there is no checkpoint."""
     config = ckpt["config"] if ckpt else {}
-    return GPT2_SIZES.get((config.get("n_layer"), config.get("n_embd")), GPT2_SIZES[(12, 768)])
+    return hellaswag.gpt2_baselines(config.get("n_layer"), config.get("n_embd")) or \
+        hellaswag.GPT2_SIZES[(12, 768)]
 
 
 def describe_run(ckpt):
@@ -84,8 +73,8 @@ def describe_run(ckpt):
     size = sum(tensors.values())
     label = f"{size / 1e6:.0f}M" if size >= 1e6 else f"{size / 1e3:.0f}K"
     args = ckpt.get("args", {})
-    hella = (args.get("hellaswag_limit") or HELLASWAG_VAL_EXAMPLES) if args.get("hellaswag", True) else None
-    return f"this run ({label} parameters)", min(hella, HELLASWAG_VAL_EXAMPLES) if hella else None, val_data(ckpt)
+    hella = (args.get("hellaswag_limit") or hellaswag.VAL_EXAMPLES) if args.get("hellaswag", True) else None
+    return f"this run ({label} parameters)", min(hella, hellaswag.VAL_EXAMPLES) if hella else None, val_data(ckpt)
 
 
 def plot(log_dir, out=None):

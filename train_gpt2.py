@@ -549,6 +549,8 @@ def train_loop(run, stop_signals):
     """The loop; returns the exit code. A signal appended to stop_signals ends it at the next step, saved."""
     args = run.args
     run.started = time.time()
+    if args.benchmark:  # its peak memory is the steps'
+        speed.reset_peak_memory(run.compute.device_type)
     stop = timed = False  # a stop signal, a timed save: asked for during the step before, agreed by all ranks
     for step in range(run.start_step, args.max_steps):
         last_step = step == args.max_steps - 1

@@ -13,12 +13,14 @@
 #   bash benchmarks/gpu.sh side        # build-nanogpt's own script against this one, same shards
 #   bash benchmarks/gpu.sh recipes     # --recipe gpt2, llama, speedrun, speedrun-simple at 124M on the novels: val loss at
 #                                      # equal tokens (7.9M each, one learning rate each)
+#   bash benchmarks/gpu.sh memory      # GPT-2 XL at -B 4 on one GPU: DDP and --fsdp, each with and without
+#                                      # --recompute (peak memory against benchmarks/README.md's arithmetic)
 #
 # Logs go to $OUT (or gpu_results/), one file per stage, and a line per measurement to summary.txt.
 # The GPU machine has no network and no `datasets`: everything it reads comes from .gpu/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-STAGE=${1:?usage: bash benchmarks/gpu.sh prepare|first|preflight|tests|speed|eval|side|recipes}
+STAGE=${1:?usage: bash benchmarks/gpu.sh prepare|first|preflight|tests|speed|eval|side|recipes|memory}
 OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
 export GPT2_SHARED_DATA=$PWD/.gpu/data TIKTOKEN_CACHE_DIR=$PWD/.gpu/data/tiktoken_cache
@@ -93,5 +95,13 @@ case "$STAGE" in
         timeout 580 $PY benchmarks/recipes.py --data_dir .gpu/novels --size 124M --device cuda --steps 60 \
             --batch 131072 -B 32 -T 1024 --val_steps 20 --factors 1 --budgets 1 2>&1 | tee "$OUT/recipes.log" | tail -6
         note "recipes: $(grep -E '^\| (gpt2|llama|speedrun|speedrun-simple) ' "$OUT/recipes.log" | tr '\n' ' ')" ;;
+    memory)
+        : > "$OUT/memory.log"
+        for flags in "" "--recompute" "--fsdp" "--fsdp --recompute"; do
+            line=$(timeout 140 $PY -m torch.distributed.run --standalone --nproc_per_node=1 train_gpt2.py --benchmark \
+                --model gpt2-xl -B 4 --total_batch_size 4096 --max_steps 6 $flags 2>&1 | tee -a "$OUT/memory.log" \
+                | grep '^benchmark:')
+            note "gpt2-xl -B 4 ${flags:-(DDP)}: ${line:-FAILED (see memory.log)}"
+        done ;;
     *) echo "unknown stage $STAGE"; exit 2 ;;
 esac

@@ -118,11 +118,28 @@ def mfu_percent(flops_per_token, tokens_per_sec, peak_flops, world_size):
 
 
 def peak_memory_bytes(device_type):
-    """The GPU's peak allocated bytes, or on CPU the process's peak resident memory (Linux reports KiB, macOS
-    bytes)."""
+    """The GPU's peak allocated bytes, or on CPU the process's peak resident memory (Linux: VmHWM, which
+    reset_peak_memory can reset; elsewhere ru_maxrss, in bytes on macOS)."""
     if device_type == "cuda":
         return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def reset_peak_memory(device_type):
+    """From here on, peak_memory_bytes counts anew (--benchmark: the steps, not the setup before them; under
+    --fsdp each rank builds the whole model before it keeps its shards). On CPU: Linux's clear_refs."""
+    if device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident memory
+    except OSError:
+        pass  # not Linux: the peak since the process started
 
 
 def print_benchmark(args, step_times, flops_per_token, peak_flops, world_size, device_type, state_bytes=None):

@@ -92,6 +92,26 @@ def test_torchrun_one_process_with_nccl(cuda_shards, tmp_path, hellaswag_dir):
     assert "processes 1" in proc.stdout and len(read_log(tmp_path / "log" / "log.txt")["train"]) == 6
 
 
+def test_fsdp_on_one_gpu_trains_like_the_default_path_and_resumes(cuda_run, cuda_shards, tmp_path, hellaswag_dir):
+    """--fsdp --recompute under torchrun on one GPU (NCCL): bf16 gathers with fp32 reduction, compiled blocks,
+    fused AdamW; its losses near the default path's (bf16: 0.05), then its sharded folder resumed."""
+    log_dir = tmp_path / "log"
+
+    def torchrun(log_dir, *extra):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                *map(str, train_args(cuda_shards, log_dir, "--fsdp", "--recompute", *extra))]
+
+    proc = run(torchrun(log_dir))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "processes 1 (FSDP: sharded) | recompute" in proc.stdout and "fused AdamW True" in proc.stdout
+    got, want = read_log(log_dir / "log.txt"), read_log(os.path.join(cuda_run[0], "log.txt"))
+    for step, value in want["train"].items():
+        assert got["train"][step] == pytest.approx(value, abs=0.05), step
+    assert sorted(os.listdir(log_dir / "ckpt_00015")) == [".metadata", "__0_0.distcp", "state.pt"]
+    again = run(torchrun(tmp_path / "again", "--resume", log_dir / "ckpt_00015"))
+    assert again.returncode == 0 and "resuming at step 15" in again.stdout, again.stderr[-3000:]
+
+
 def test_preflight_passes_on_this_gpu_and_writes_nowhere(cuda_shards, tmp_path, hellaswag_dir):
     """Every phase on CUDA (bf16, compile, fused AdamW): the resumed steps agree within the GPU tolerance, and
     --log_dir and the temporary folder are left as they were."""

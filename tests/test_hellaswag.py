@@ -169,6 +169,21 @@ def test_command_line_scores_transformers_and_checkpoints(tmp_path, hellaswag_di
     assert_one_line_error(proc, "bad.pt is not a readable train_gpt2.py checkpoint")
 
 
+def test_each_gpt2_size_names_its_own_baselines(tmp_path):
+    """hellaswag.py's closing line: OpenAI's GPT-2 of the model's own size and the nearest GPT-3."""
+    from machinery.checkpoints import atomic_torch_save
+    from train_gpt2 import GPT, GPTConfig
+
+    line = hellaswag.baselines_line((24, 1024))
+    assert "OpenAI's GPT-2 355M acc_norm 0.3752" in line and "GPT-3 Medium, 350M 0.436" in line
+    assert "1558M acc_norm 0.4889" in hellaswag.baselines_line((48, 1600))
+    assert hellaswag.baselines_line((2, 64)) is None and hellaswag.baselines_line(None) is None
+    model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=3, n_head=2, n_embd=32))
+    atomic_torch_save({"model": model.state_dict(), "config": vars(model.config), "step": 1},
+                      str(tmp_path / "model_00001.pt"))
+    assert hellaswag.load_model(str(tmp_path / "model_00001.pt"), "cpu").shape == (3, 32)
+
+
 def test_offline_download_names_url_and_path(tmp_path, monkeypatch, enc):
     path = str(tmp_path / "hellaswag_val.jsonl")
     url = "http://127.0.0.1:9/hellaswag_val.jsonl"  # nothing listens on the discard port

@@ -74,6 +74,7 @@ def test_notebook_runs_on_the_log(shakespeare_run, tmp_path):
     assert f"min train loss: {min(log['train'].values()):.4f}" in text
     assert f"min val loss: {min(log['val'].values()):.4f}" in text
     assert f"max HellaSwag acc_norm: {max(log['hella'].values()):.4f}" in text
+    assert "OpenAI's GPT-2 124M: HellaSwag acc_norm 0.2945, FineWeb val loss 3.4250; GPT-3 Small, 125M: " in text
     assert any("image/png" in o.get("data", {}) for o in outputs)
     png = os.path.join(log_dir, "curves.png")
     assert f"saved {png}" in text and open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
