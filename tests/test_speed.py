@@ -29,7 +29,8 @@ def test_benchmark_mode_summarises_and_writes_nothing(tmp_path):
     assert "data: random tokens (--synthetic)" in proc.stdout and "validation" not in proc.stdout
     result = json.loads(proc.stdout.strip().splitlines()[-1].removeprefix("BENCHMARK "))
     assert set(result) == {"ms_per_step", "tokens_per_sec", "mfu", "peak_memory_gib", "steps_measured",
-                           "warmup_steps"}
+                           "warmup_steps", "state_gib"}
+    assert 0 < result["state_gib"] < result["peak_memory_gib"]  # weights, gradients, AdamW's moments: a part of it
     assert result["steps_measured"] == 5 and result["warmup_steps"] == 1
     assert result["ms_per_step"] > 0 and result["tokens_per_sec"] > 0 and result["peak_memory_gib"] > 0
     assert re.search(r"benchmark: median [\d.]+ ms/step over 5 steps after 1 warm-up \| [\d,]+ tok/s \| MFU",
