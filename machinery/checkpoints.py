@@ -19,16 +19,12 @@ import re
 import shutil
 import signal
 import time
-import warnings
 import zlib
 from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from machinery import sharding
 
@@ -41,7 +37,8 @@ SHARDED_FILE_RE = re.compile(r"^(\.metadata|__(\d+)_\d+\.distcp|state\.pt)(\.tmp
 STATE_NAME = "state.pt"  # in a sharded folder: everything but the weights and the optimizer's state
 LOCK_NAME = "train_gpt2.lock"  # held by the run that owns the folder; also marks it as one this script ran in
 DIVERGED_NAME = "diverged.txt"  # written when the run diverges: rerunning the same command is refused
-OWN_TEMP_RE = re.compile(r"^((model|ckpt)_\d+\.pt|ckpt_\d+|log\.txt)\.tmp$")  # the temporary names this script writes
+OWN_TEMP_RE = re.compile(r"^((model|ckpt)_\d+\.pt|log\.txt)\.tmp$")  # the temporary names this script writes
+SHARDED_TEMP_RE = re.compile(r"^ckpt_\d+\.tmp$")  # a sharded save's temporary folder (not a file by that name)
 # a whole log.txt line, newline included: anything else (a line torn by a crash or a full disk, zeros a crash left
 # in an unwritten page) is never kept on resume, whatever its first characters are
 LOG_LINE_RE = re.compile(r"^(\d+) (train|val|hella) (-?\d+\.\d+|-?inf|nan)\n$")
@@ -172,19 +169,11 @@ def load_sharded_checkpoint(path, weights):
 
 
 def read_sharded_weights(path):
-    """The model's whole tensors from a sharded folder, in this one process: each is made empty at the size
-    its metadata records, then torch.distributed.checkpoint fills it from the shards."""
+    """The model's whole tensors from a sharded folder, read in this one process."""
     try:
-        reader = dcp.FileSystemReader(path)
-        entries = reader.read_metadata().state_dict_metadata
-        model = {k[len("model."):]: torch.empty(m.size, dtype=m.properties.dtype) for k, m in entries.items()
-                 if k.startswith("model.")}
-        with warnings.catch_warnings():  # torch warns that it reads in this one process: that is the intent
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({"model": model}, storage_reader=reader, no_dist=True)
+        return sharding.read_whole_weights(path)
     except Exception as e:  # a damaged or missing shard file
         raise UserError(f"{path}: its shards are unreadable ({type(e).__name__}: {first_line(e)})") from None
-    return model
 
 
 def checkpoint_path(log_dir, name, step, sharded=False):
@@ -194,15 +183,8 @@ def checkpoint_path(log_dir, name, step, sharded=False):
 
 def torch_optimizers(optimizer):
     """The torch optimizers behind `optimizer` (several under Muon: variants.Optimizers), for torch's
-    distributed state-dict functions."""
+    distributed state-dict functions (sharding.sharded_state)."""
     return list(optimizer.optimizers.values()) if hasattr(optimizer, "optimizers") else optimizer
-
-
-def sharded_state(model, optimizer):
-    """The weights and the optimizer's state keyed by parameter name, each rank's shards as DTensors (plain
-    tensors for a plain model): what torch.distributed.checkpoint writes, and reads at another world size."""
-    return {"model": get_model_state_dict(model),
-            "optimizer": get_optimizer_state_dict(model, torch_optimizers(optimizer))}
 
 
 def shard_optimizer_state(state, optimizer):
@@ -325,7 +307,7 @@ class Checkpointer:
             os.makedirs(temp)
         dist.barrier()  # the folder exists before any rank writes in it
         try:
-            dcp.save(sharded_state(self.model, self.optimizer), checkpoint_id=temp)
+            sharding.save_sharded(sharding.sharded_state(self.model, torch_optimizers(self.optimizer)), temp)
         except Exception as e:  # on every rank: torch gathers each rank's failure
             raise UserError(f"could not write checkpoint {path} ({first_line(e)[:200]}); the earlier checkpoints are "
                             "intact: free some space, then rerun the same command to resume") from None
@@ -342,16 +324,11 @@ class Checkpointer:
         # the saved param groups replace the new ones: keep this run's flags (--weight_decay, the lr shares)
         flags = [{k: g[k] for k in ("weight_decay", "lr_scale") if k in g} for g in self.optimizer.param_groups]
         if ckpt.get("sharded"):
-            state = sharded_state(self.model, self.optimizer)
             try:
-                with warnings.catch_warnings():  # (a single process: as above)
-                    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                    dcp.load(state, checkpoint_id=ckpt["path"], no_dist=not dist.is_initialized())
+                sharding.load_sharded(self.model, torch_optimizers(self.optimizer), ckpt["path"])
             except Exception as e:
                 raise UserError(f"{ckpt['path']}: its shards are unreadable ({first_line(e)[:200]}); resume from "
                                 "another checkpoint (--resume PATH)") from None
-            set_model_state_dict(self.model, state["model"])
-            set_optimizer_state_dict(self.model, torch_optimizers(self.optimizer), state["optimizer"])
         else:
             like = self.model.state_dict()
             self.model.load_state_dict({k: sharding.shard_like(v, like[k]) if k in like else v
@@ -519,8 +496,9 @@ def prepare_log_dir(args, resumed_from, resume_step, was_ours):
 
 def _prepare_log_dir(args, resumed_from, resume_step, was_ours):
     for name in os.listdir(args.log_dir):
-        if OWN_TEMP_RE.match(name):  # a save or log rewrite that a crash cut short
-            remove_checkpoint(os.path.join(args.log_dir, name))
+        path = os.path.join(args.log_dir, name)
+        if OWN_TEMP_RE.match(name) or (SHARDED_TEMP_RE.match(name) and is_own_sharded(path)):
+            remove_checkpoint(path)  # a save or log rewrite that a crash cut short
     problem = log_dir_problem(args, resumed_from, resume_step, was_ours)
     if problem:
         raise UserError(problem)

@@ -334,10 +334,12 @@ def test_only_the_runs_own_files_are_touched(reference, small_shards, tmp_path, 
     mine.mkdir()
     (mine / "log.txt").write_text("my notes\n")
     (mine / "draft.tmp").write_text("half a thought")
+    (mine / "ckpt_00004.tmp").write_text("a file, not a sharded save's folder")
     assert "log.txt was not written by train_gpt2.py" in run_main(*args(mine))
     (mine / "log.txt").unlink()
     finish(args(mine))
     assert (mine / "draft.tmp").read_text() == "half a thought"
+    assert (mine / "ckpt_00004.tmp").read_text() == "a file, not a sharded save's folder"
     assert log_bytes(mine) == log_bytes(reference[1])
 
     # a finished run is left as it is: rerun, rerun with fewer steps, or another run's checkpoint into it
