@@ -288,10 +288,15 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, T):
-        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 * L * H * Q * T."""
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 * L * H * Q * T, where N
+        counts the weights that multiply: an embedding table is a lookup, so wpe and an untied wte are left
+        out (a tied wte is lm_head's matrix, counted once)."""
         cfg = self.config
         L, H, Q = cfg.n_layer, cfg.n_head, cfg.n_embd // cfg.n_head
-        return 6 * self.num_params() + 12 * L * H * Q * T
+        N = self.num_params()
+        if self.transformer.wte.weight is not self.lm_head.weight:
+            N -= self.transformer.wte.weight.numel()
+        return 6 * N + 12 * L * H * Q * T
 
 
 # -----------------------------------------------------------------------------
@@ -315,11 +320,8 @@ def list_shards(data_root, split):
     return shards
 
 
-def load_tokens(path, vocab_size=None):
-    """
-    Memory-map one shard: only the slices a batch touches are read from disk. With vocab_size, also
-    check every token id (a full read of the shard, done when training reaches it).
-    """
+def load_tokens(path):
+    """Memory-map one shard: only the slices a batch touches are read from disk."""
     fix = "delete it and rerun `python fineweb.py`"
     if path.endswith(".bin"):  # llm.c: 256 int32 (magic, version, token count, ...), then uint16 tokens
         if problem := common.bin_shard_problem(path):  # the magic number, the version, the size the header promises
@@ -334,9 +336,15 @@ def load_tokens(path, vocab_size=None):
         if tokens.dtype != np.uint16 or tokens.ndim != 1:
             raise UserError(f"shard {path} holds {tokens.dtype} of shape {tokens.shape}, expected a 1-D uint16 "
                             "array as fineweb.py writes")
+    return tokens
+
+
+def check_token_ids(tokens, path, vocab_size):
+    """Every id in `tokens` (a batch's slice of the shard at path: checked as it is read, so a shard is never
+    scanned whole) is within the model's vocabulary; returns tokens."""
     if vocab_size is not None and len(tokens) and (top := int(tokens.max())) >= vocab_size:
         raise UserError(f"shard {path} holds token id {top}, beyond the model's vocabulary of {vocab_size}: "
-                        f"not GPT-2 tokens? {fix}")
+                        "not GPT-2 tokens? delete it and rerun `python fineweb.py`")
     return tokens
 
 
@@ -374,6 +382,7 @@ class DataLoaderLite:
             raise UserError(f"every {split} shard in {data_root!r} is shorter than one batch, B*T*processes+1 = "
                             f"{need:,} tokens; use a smaller -B/-T or larger shards")
         self.reset()
+        check_token_ids(self.tokens[:need], self.shards[self.current_shard], vocab_size)  # GPT-2's? before a step
 
     def reset(self):
         self.epoch, self.order_index = 0, 0
@@ -390,7 +399,7 @@ class DataLoaderLite:
         if self._loaded == key:
             return
         self._loaded = key
-        self.tokens = load_tokens(self.shards[self.current_shard], self.vocab_size)
+        self.tokens = load_tokens(self.shards[self.current_shard])
         if self.shuffle:
             self.tokens = shuffle_documents(self.tokens, np.random.default_rng([self.seed, self.epoch,
                                                                                 self.current_shard]))
@@ -398,7 +407,8 @@ class DataLoaderLite:
     def next_batch(self):
         B, T = self.B, self.T
         start = self.current_position + B * T * self.process_rank
-        buf = torch.from_numpy(self.tokens[start: start + B * T + 1].astype(np.int64))
+        chunk = check_token_ids(self.tokens[start: start + B * T + 1], self.shards[self.current_shard], self.vocab_size)
+        buf = torch.from_numpy(chunk.astype(np.int64))
         x = buf[:-1].view(B, T)  # inputs
         y = buf[1:].view(B, T)  # targets: the same tokens shifted by one
         self.current_position += B * T * self.num_processes
@@ -474,7 +484,8 @@ def first_val_tokens(val_loader, n, vocab_size):
     """--val_tokens: the val split's first n + 1 tokens (n predicted), across its shards if need be."""
     parts, have = [], 0
     for path in val_loader.shards:
-        parts.append(torch.from_numpy(load_tokens(path, vocab_size)[:n + 1 - have].astype(np.int64)))
+        part = check_token_ids(load_tokens(path)[:n + 1 - have], path, vocab_size)
+        parts.append(torch.from_numpy(part.astype(np.int64)))
         have += len(parts[-1])
         if have == n + 1:
             return torch.cat(parts)
@@ -482,6 +493,7 @@ def first_val_tokens(val_loader, n, vocab_size):
                     "smaller --val_tokens")
 
 
+@torch.no_grad()
 def val_loss_over_tokens(model, tokens, B, T, compute):
     """The mean loss over every token of `tokens` but the first, as the speedrun measures it: its T-token rows
     shared out among the ranks, B at a time, each loss weighted by its tokens, summed over all ranks."""
@@ -617,7 +629,11 @@ def evaluate(run, step):
     """Val loss, HellaSwag accuracy and (after step 0) samples; rank 0 prints and logs them."""
     args = run.args
     run.model.eval()
-    with sharding.gathered(run.raw_model):  # --fsdp: every rank holds the whole model meanwhile (else nothing)
+    # --fsdp compiles its blocks in place: evaluation's other shapes would recompile them, and make the training
+    # graph dynamic-shape for the rest of the run, so there they run eager (elsewhere the model trains compiled
+    # and evaluates through its own graphs)
+    eager = torch.compiler.set_stance("force_eager") if args.fsdp else contextlib.nullcontext()
+    with sharding.gathered(run.raw_model), eager:  # --fsdp: every rank holds the whole model (else nothing)
         evaluate_val_loss(run, step)
         if args.hellaswag:
             evaluate_hellaswag(run, step)
@@ -914,9 +930,8 @@ def setup_run(args, compute, inputs, was_ours):
     the resumed state if there is one. None when the run in --log_dir is finished already."""
     ckpt, config, train_loader, val_loader = inputs.ckpt, inputs.config, inputs.train_loader, inputs.val_loader
     start_step = ckpt["step"] if ckpt else 0
-    if ckpt and args.resume == "auto" and (last := checkpoints.finished_at(args.log_dir, args.max_steps)) is not None:
-        compute.print0(f"{args.log_dir} holds a complete run (its log reaches step {last}, --max_steps is "
-                       f"{args.max_steps}); nothing to do. Pass a larger --max_steps to train on")
+    if done := run_complete(args, ckpt):
+        compute.print0(done)
         return None
     # a run that was killed before its first checkpoint starts over: say so
     restart = not ckpt and args.resume == "auto" and os.path.exists(os.path.join(args.log_dir, "log.txt"))
@@ -939,7 +954,10 @@ def setup_run(args, compute, inputs, was_ours):
                                             start_step, compute.master, compute.world_size, inputs.data_identity)
     val_loss = checkpointer.restore(ckpt) if ckpt else None
     if compute.ddp and not args.fsdp:
-        model = DDP(model, device_ids=[compute.local_rank] if compute.device_type == "cuda" else None)
+        # the buffers (rotary tables) are constants: re-sending them at every forward would only cost time, and
+        # hang an evaluation whose ranks run different numbers of forwards
+        model = DDP(model, device_ids=[compute.local_rank] if compute.device_type == "cuda" else None,
+                    broadcast_buffers=False)
     # HellaSwag batches vary in shape: a compiled graph of its own, with dynamic shapes, on the same weights
     # (under --fsdp the blocks are compiled already)
     compiled = compute.use_compile and not args.fsdp
@@ -958,6 +976,14 @@ def setup_run(args, compute, inputs, was_ours):
             name=args.wandb_run_name or os.path.basename(os.path.abspath(args.log_dir)))
         checkpointer.wandb_id = run.wandb.id
     return run
+
+
+def run_complete(args, ckpt):
+    """The line saying so when --log_dir holds this run finished already (its log reaches --max_steps), or None."""
+    if ckpt and args.resume == "auto" and (last := checkpoints.finished_at(args.log_dir, args.max_steps)) is not None:
+        return (f"{args.log_dir} holds a complete run (its log reaches step {last}, --max_steps is "
+                f"{args.max_steps}); nothing to do. Pass a larger --max_steps to train on")
+    return None
 
 
 def accumulation_steps(args, compute, B):
@@ -1059,7 +1085,7 @@ def build_model(args, config, compute):
     if args.recompute:
         speed.recompute_blocks(raw_model)
     if args.fsdp:  # each rank keeps its 1/N of every weight from here on; compiled block by block
-        sharding.shard_model(raw_model, compute.dtype, args.compile_mode if compute.use_compile else None)
+        sharding.shard_model(raw_model, args.compile_mode if compute.use_compile else None)
     if args.optimizer == "muon":
         fused = (compute.device_type == "cuda") if args.fused_adamw is None else args.fused_adamw
         optimizer = variants.muon_optimizers(raw_model, args, fused)
@@ -1281,8 +1307,9 @@ def add_system_flags(p):
                         "(auto: torch's choice; cudnn, efficient: CUDA only)")
     g.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard the weights, gradients and optimizer state across the processes "
-                        "(FSDP2, block by block; bf16 weights for compute, fp32 reduction), for models that do not "
-                        "fit under DDP; resume points become sharded folders that resume at any process count")
+                        "(FSDP2, block by block; DDP's precision: fp32 weights, gathers and reductions, bf16 "
+                        "matmuls by autocast), for models that do not fit under DDP; resume points become sharded "
+                        "folders that resume at any process count")
     g.add_argument("--recompute", action="store_true",
                    help="activation checkpointing: each block's activations recomputed in the backward pass instead "
                         "of kept (less memory, about a third more compute; same math)")
@@ -1324,6 +1351,7 @@ def parse_args(argv=None):
     p.set_defaults(**{**variants.RECIPES[known.recipe], **MODELS[known.model],
                       **(FIRST_TRY if known.first_try else {})})
     args = p.parse_args(argv)
+    fit_presets(p, args, p.given(argv))
 
     positive = ["seq_len", "total_batch_size", "max_steps", "eval_every",
                 "val_steps", "checkpoint_every", "n_layer", "n_head", "n_embd", "block_size", "vocab_size"]
@@ -1370,6 +1398,28 @@ def parse_args(argv=None):
     if args.benchmark:  # speed only: nothing read from or written to disk, nothing but training steps
         args.synthetic, args.hellaswag, args.sample, args.resume, args.val_tokens = True, False, False, "none", 0
     return args
+
+
+def fit_presets(p, args, given):
+    """A preset's value that the user's own flags make impossible is scaled to fit them, with a note: the
+    warmup (GPT-2's 715 steps, --first_try's 20) to a shorter --max_steps, in proportion, and the micro-batch
+    to the number of torchrun processes. What the command line names itself is never changed."""
+    changed = []
+    preset_steps = p.get_default("max_steps")
+    if "warmup_steps" not in given and args.warmup_steps >= args.max_steps and preset_steps > args.max_steps:
+        warmup = min(args.max_steps - 1, args.warmup_steps * args.max_steps // preset_steps)
+        changed.append(f"--warmup_steps {args.warmup_steps} -> {warmup} (the preset's share of its {preset_steps} "
+                       f"steps, for --max_steps {args.max_steps})")
+        args.warmup_steps = warmup
+    W = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes
+    B, T = args.batch_size, args.seq_len
+    if "batch_size" not in given and B != "auto" and T > 0 and args.total_batch_size % (B * T * W):
+        fits = [b for b in range(B - 1, 0, -1) if args.total_batch_size % (b * T * W) == 0]
+        if fits:
+            changed.append(f"-B {B} -> {fits[0]} ({args.total_batch_size:,} tokens per step across {W} processes)")
+            args.batch_size = fits[0]
+    if changed and int(os.environ.get("RANK", 0)) == 0:
+        print(f"note: the presets fitted to your flags: {'; '.join(changed)}; pass them to choose")
 
 
 def check_variant_flags(p, args):

@@ -57,6 +57,14 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
+    def given(self, argv=None):
+        """The flags (their dests) that the command line names, as against those left at a default or preset:
+        argparse fills in a default only where the namespace it parses into has no value yet."""
+        unset = object()
+        namespace = argparse.Namespace(**{a.dest: unset for a in self._actions if a.dest != "help"})
+        self.parse_known_args(argv, namespace=namespace)
+        return {dest for dest, value in vars(namespace).items() if value is not unset}
+
 
 def first_line(e):
     """The first line of an exception's message, for one-line errors."""

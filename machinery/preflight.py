@@ -27,7 +27,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from machinery import checkpoints, speed
+from machinery import checkpoints, sharding, speed
 from machinery.common import UserError, first_line
 from machinery.runtime import synchronize
 
@@ -72,6 +72,9 @@ def run(args, recipe):
         compute = recipe.compute_init(args)
         phases.device_type = compute.device_type
         inputs = recipe.check_inputs(args, compute)
+        if done := recipe.run_complete(real, inputs.ckpt):  # as the run itself would say, and exit 0
+            compute.print0(f"preflight: nothing to check: {done}")
+            return 0
         check_log_dir(real, inputs)
         recipe.init_distributed(compute, inputs.ckpt["step"] if inputs.ckpt else 0)
         folder = temporary_folder(compute)
@@ -139,6 +142,8 @@ def train_phases(args, real, recipe, compute, inputs, phases, was_ours):
                   start_step=run.start_step, batch_size=args.batch_size, flops_per_token=run.flops_per_token,
                   peak_flops=run.peak_flops, world_size=compute.world_size, device=compute.device,
                   device_type=compute.device_type, hellaswag_scored=args.hellaswag_limit)
+    if compute.master:  # at once: a preflight cut short later (a timeout, a later phase failing) still has them
+        print_speed(report, real, "the training steps")
     with phases("evaluation"):
         report["eval_time"] = evaluation_time(recipe, run, step, real)
     with phases("disk"):
@@ -283,11 +288,12 @@ def check_same_weights(run, compute):
 
 
 def link_speed(model, compute, repeats=3):
-    """Seconds for an all-reduce of a buffer the size of the gradients (DDP's traffic per step) and its bus
+    """Seconds for an all-reduce of a buffer the size of the gradients this rank holds (DDP's traffic per step;
+    under --fsdp its shards: a model that needs sharding may have no room for a whole copy) and its bus
     bandwidth in bytes/s (nccl-tests' busbw: what each link carries); None with one process."""
     if not compute.ddp:
         return None
-    buffer = torch.ones(sum(p.numel() for p in model.parameters()), device=compute.device)
+    buffer = torch.ones(sum(sharding.local(p).numel() for p in model.parameters()), device=compute.device)
     dist.all_reduce(buffer)  # the first one sets up the connections
     synchronize(compute.device_type)
     t0 = time.time()
@@ -313,20 +319,27 @@ def gb(n):
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def print_report(r, real, phases, duration):
-    """What the run will take, from what the phases measured."""
+def print_speed(r, real, what):
+    """The speed, MFU and peak memory lines (what = the phases the peak covers)."""
     tokens_per_sec = real.total_batch_size / r["step_time"]
     mfu = "" if r["peak_flops"] is None else \
         f" | MFU {speed.mfu_percent(r['flops_per_token'], tokens_per_sec, r['peak_flops'], r['world_size']):.1f}%"
     print(f"preflight: speed {r['step_time'] * 1000:.1f} ms/step (median of {TIMED_STEPS}, -B {r['batch_size']}) | "
-          f"{tokens_per_sec:,.0f} tok/s{mfu}")
+          f"{tokens_per_sec:,.0f} tok/s{mfu}", flush=True)
     peak, total = r["peak_memory"]
     print(f"preflight: peak memory {gb(peak)}" + (f" of {gb(total)} ({100 * peak / total:.0f}%)" if total else "")
-          + (" on " + r["device"] if r["device_type"] == "cuda" else " (this process)"))
+          + (" on " + r["device"] + ", reserved" if r["device_type"] == "cuda" else " (this process)")
+          + f", over {what}", flush=True)
+
+
+def print_report(r, real, phases, duration):
+    """What the run will take, from what the phases measured."""
+    r["peak_memory"] = peak_memory(r["device_type"])  # now with the evaluation's and the resume's
+    print_speed(r, real, "every phase")
     link = r["link"]
     print("preflight: link: one process, nothing to all-reduce" if link is None else
-          f"preflight: link: all-reduce of {gb(link['bytes'])} (the gradients) in {link['seconds'] * 1000:.1f} ms, "
-          f"bus bandwidth {link['bus'] / 1e9:.2f} GB/s")
+          f"preflight: link: all-reduce of {gb(link['bytes'])} (this rank's gradients) in "
+          f"{link['seconds'] * 1000:.1f} ms, bus bandwidth {link['bus'] / 1e9:.2f} GB/s")
     steps = range(r["start_step"], real.max_steps)
     evals = sum(1 for s in steps if s % real.eval_every == 0 or s == real.max_steps - 1)
     milestones, resume_points, kept = r["saves"]

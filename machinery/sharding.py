@@ -22,20 +22,20 @@ import torch
 import torch.distributed as dist
 
 
-def shard_model(model, dtype, compile_mode=None):
-    """Shard `model` in place, block by block, then its root. With bf16 (autocast's dtype on GPUs) the
-    weights are gathered in bf16 for compute and the gradients reduced in fp32, while the shards the
-    optimizer steps stay fp32. compile_mode: torch.compile each block (the hooks that gather and free the
-    weights stay outside the compiled graphs). Returns the model."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # (see the module's docstring)
+def shard_model(model, compile_mode=None):
+    """Shard `model` in place, block by block, then its root. The precision is DDP's: the weights stay fp32,
+    gathered and reduced in fp32, and bf16 autocast (on GPUs) casts them for each matmul, so embeddings, norm
+    gains and the residual stream stay fp32 as they do under DDP. (FSDP's MixedPrecisionPolicy with bf16
+    weights would halve the gathers' traffic, but it applies to the root too and casts each block's input:
+    the whole residual stream would become bf16, another recipe.) compile_mode: torch.compile each block (the
+    hooks that gather and free the weights stay outside the compiled graphs). Returns the model."""
+    from torch.distributed.fsdp import fully_shard  # (see the module's docstring)
 
-    mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if dtype == "bf16" \
-        else MixedPrecisionPolicy()
     for block in model.transformer.h:
         if compile_mode is not None:
             block.compile(mode=compile_mode)  # in place: the parameter names stay those of the plain model
-        fully_shard(block, mp_policy=mp_policy)
-    fully_shard(model, mp_policy=mp_policy)
+        fully_shard(block)
+    fully_shard(model)
     return model
 
 
@@ -66,7 +66,9 @@ def gathered(model):
     finally:
         for m in modules:
             m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
+            # FSDP's own defaults again: the blocks free their whole weights after forward, the root keeps
+            # them (the backward needs them at once)
+            m.set_reshard_after_forward(m is not model, recurse=False)
 
 
 def local(tensor):

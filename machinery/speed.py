@@ -10,6 +10,7 @@ Device and speed tooling for train_gpt2.py. None of it changes what is computed,
 - recompute_blocks (--recompute): activation checkpointing, block by block
 """
 
+import contextlib
 import ctypes
 import functools
 import json
@@ -21,6 +22,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from machinery.common import UserError
@@ -118,10 +120,11 @@ def mfu_percent(flops_per_token, tokens_per_sec, peak_flops, world_size):
 
 
 def peak_memory_bytes(device_type):
-    """The GPU's peak allocated bytes, or on CPU the process's peak resident memory (Linux: VmHWM, which
-    reset_peak_memory can reset; elsewhere ru_maxrss, in bytes on macOS)."""
+    """The GPU's peak reserved bytes (what the caching allocator held: what must fit, fragmentation included;
+    the tensors' own peak, max_memory_allocated, is lower), or on CPU the process's peak resident memory
+    (Linux: VmHWM, which reset_peak_memory can reset; elsewhere ru_maxrss, in bytes on macOS)."""
     if device_type == "cuda":
-        return torch.cuda.max_memory_allocated()
+        return torch.cuda.max_memory_reserved()
     try:
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
@@ -157,7 +160,7 @@ def print_benchmark(args, step_times, flops_per_token, peak_flops, world_size, d
         result["state_gib"] = round(state_bytes / 2 ** 30, 3)
     print(f"benchmark: median {ms:.2f} ms/step over {len(measured)} steps after {warmup} warm-up | "
           f"{tokens_per_sec:,.0f} tok/s | MFU {'n/a' if mfu is None else f'{mfu:.2f}%'} | "
-          f"peak {'GPU' if device_type == 'cuda' else 'process'} memory {peak_memory:.2f} GiB"
+          f"peak {'GPU memory (reserved)' if device_type == 'cuda' else 'process memory'} {peak_memory:.2f} GiB"
           + ("" if state_bytes is None else f" | weights, gradients, optimizer state {state_bytes / 2 ** 30:.3f} "
                                             "GiB in this process"))
     print("BENCHMARK " + json.dumps(result))  # for benchmarks/ladder.py
@@ -180,20 +183,32 @@ def model_state_bytes(model, optimizer):
 # Kernel choices
 
 COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
-# --sdpa_backend: which torch.backends.cuda switch each choice leaves on (CPU kernels obey flash and math too)
-SDPA_BACKENDS = {"auto": None, "flash": "flash", "cudnn": "cudnn", "efficient": "mem_efficient", "math": "math"}
+# --sdpa_backend: torch's name of each choice's kernel (CPU kernels obey flash and math too)
+SDPA_BACKENDS = {"auto": None, "flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                 "efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+_sdpa_choice = contextlib.ExitStack()  # the chosen kernels, held from the choice to the process's end
 
 
 def select_sdpa_backend(name, device_type):
-    """Leave only the chosen kernel enabled for F.scaled_dot_product_attention (auto: torch picks per call),
-    and math beside it: the calls a fast kernel refuses (the KV cache's boolean mask at every evaluation's
-    samples, fp32 for flash and cudnn) fall back to it instead of failing with "No available kernel"."""
+    """Enable only the chosen kernel for F.scaled_dot_product_attention, first in torch's priority order, and
+    math after it: the calls a fast kernel refuses (the KV cache's boolean mask at every evaluation's samples,
+    fp32 for flash and cudnn) fall back to math instead of failing with "No available kernel". Without the
+    order, torch takes math whenever its default order puts math first (before cuDNN, on many builds). auto:
+    torch's own choice per call, as it was before any choice."""
+    _sdpa_choice.close()  # back to torch's defaults
     if SDPA_BACKENDS[name] is None:
         return
     if device_type != "cuda" and name not in ("flash", "math"):
         raise UserError(f"--sdpa_backend {name} needs a CUDA GPU; on {device_type} use auto, flash or math")
-    for backend in ("flash", "mem_efficient", "math", "cudnn"):
-        getattr(torch.backends.cuda, f"enable_{backend}_sdp")(backend in (SDPA_BACKENDS[name], "math"))
+    backends = list(dict.fromkeys([getattr(SDPBackend, SDPA_BACKENDS[name]), SDPBackend.MATH]))
+    _sdpa_choice.enter_context(sdpa_kernel(backends, set_priority=True))
+
+
+def sdpa_kernel_in_use(n_head, T, head_size, device, dtype):
+    """The name of the kernel F.scaled_dot_product_attention picks now for causal attention of this shape
+    (torch's own dispatch: torch._fused_sdp_choice)."""
+    q = torch.zeros(1, n_head, T, head_size, device=device, dtype=dtype)
+    return SDPBackend(torch._fused_sdp_choice(q, q, q, is_causal=True)).name
 
 
 # -----------------------------------------------------------------------------

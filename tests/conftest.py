@@ -5,8 +5,10 @@ exactly as the real code fetches it; with neither, the tests that need it skip w
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -36,6 +38,27 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); run with `pytest -m cuda`")
     config.addinivalue_line("markers",
                             "slow: whole training runs and long sweeps; `pytest -m \"not slow\"` leaves them out")
+
+
+@pytest.fixture(autouse=True)
+def test_timeout():
+    """GPT2_TEST_TIMEOUT=N (benchmarks/gpu.sh tests sets it): a test still running after N seconds fails there,
+    naming itself, and the next one starts; a short lease on a GPU machine still hears about every test."""
+    seconds = int(os.environ.get("GPT2_TEST_TIMEOUT", 0))
+    if not seconds or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after GPT2_TEST_TIMEOUT={seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="session")

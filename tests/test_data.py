@@ -259,3 +259,17 @@ def test_prefetcher_hands_out_the_same_batches_and_resumes_at_the_one_it_holds(t
     off = DevicePrefetcher(DataLoaderLite(2, 8, 0, 1, "train", str(tmp_path)), "cpu", prefetch=False)
     assert off.state_dict() == DataLoaderLite(2, 8, 0, 1, "train", str(tmp_path)).state_dict()
     assert torch.equal(off.next_batch()[0], DataLoaderLite(2, 8, 0, 1, "train", str(tmp_path)).next_batch()[0])
+
+
+def test_token_ids_are_checked_batch_by_batch_as_they_are_read(tmp_path):
+    """Each batch's slice is checked as it is read (a 200 MB shard is never scanned whole at a shard boundary):
+    a bad id deep in the second shard is named when the batch that holds it is read, not before."""
+    paths = write_shards(tmp_path, [65, 65])
+    bad = np.load(paths[1])
+    bad[40] = 60000
+    np.save(paths[1], bad)
+    loader = DataLoaderLite(2, 8, 0, 1, "train", str(tmp_path), vocab_size=50304)
+    for _ in range(4 + 2):  # shard 1's four batches, then shard 2's first two (tokens 0-32)
+        loader.next_batch()
+    with pytest.raises(UserError, match="edufineweb_train_000002.npy holds token id 60000, beyond the model's"):
+        loader.next_batch()

@@ -69,8 +69,10 @@ def assert_close(log_dir, reference, steps=None):
 
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory, hellaswag_dir):
-    """DDP and FSDP at two ranks: plain (with samples), and with accumulation, clipping at 0.3 and --recompute."""
-    configs = {"plain": ["--sample"], "accumulate": ["-B", "2", "--grad_clip", "0.3", "--recompute"]}
+    """DDP and FSDP at two ranks: plain (with samples); with accumulation, clipping at 0.3 and --recompute; and
+    under bf16 autocast."""
+    configs = {"plain": ["--sample"], "accumulate": ["-B", "2", "--grad_clip", "0.3", "--recompute"],
+               "bf16": ["--dtype", "bf16", "--no-hellaswag"]}
     out = {}
     for name, extra in configs.items():
         for mode in ("ddp", "fsdp"):
@@ -92,6 +94,19 @@ def test_fsdp_matches_ddp_at_two_ranks(runs, name):
         assert "x 2 accumulation steps" in fsdp_out and "| recompute" in fsdp_out
     else:
         assert fsdp_out.count("sample 0:") == 3  # rank 0 samples on the gathered model, the others wait
+
+
+def test_fsdp_under_bf16_autocast_keeps_ddps_precision(runs):
+    """Under autocast DDP keeps the weights, embeddings, norm gains and residual stream in fp32 and multiplies
+    in bf16; so must FSDP. Step 0's forward is then the same computation: its train and val losses equal DDP's
+    to the bit (bf16 weights for the root, FSDP's MixedPrecisionPolicy, gave 10.836798 against 10.836824).
+    Later, bf16 roundings amplify the reduction order's last bits: measured within 2.5e-4 over the 10 steps
+    (with bf16 weights: 2.0e-3)."""
+    ours, theirs = (read_log(os.path.join(runs["bf16", mode][0], "log.txt")) for mode in ("fsdp", "ddp"))
+    assert "dtype bf16" in runs["bf16", "fsdp"][1]
+    assert ours["train"][0] == theirs["train"][0] and ours["val"][0] == theirs["val"][0]
+    for kind in ("train", "val"):
+        assert max(abs(ours[kind][s] - theirs[kind][s]) for s in theirs[kind]) <= 1e-3, kind
 
 
 def test_fsdp_checkpoints_resume_points_sharded_milestones_whole(runs):
@@ -167,3 +182,41 @@ def test_fsdp_refusals_are_one_line(data, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train_gpt2.main(train_args(data, tmp_path / "log", "--fsdp"))
     assert "run it under torchrun" in str(e.value) and not os.path.exists(tmp_path / "log")
+
+
+def test_fsdp_compiled_blocks_stay_static_through_evaluations(data, tmp_path, hellaswag_dir):
+    """--fsdp --compile compiles each block in place: HellaSwag's batches and the samples' KV cache, if they
+    went through those blocks, would recompile them (5 recompilations here before the fix) and leave the
+    training graph dynamic-shape for the rest of the run. Evaluations run eager instead: no recompilation."""
+    proc = run(torchrun(train_args(data, tmp_path / "log", "--fsdp", "--compile", "--sample", "--max_steps", "6",
+                                   "--eval_every", "3"), 1), env={"TORCH_LOGS": "recompiles"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "compile True" in proc.stdout and "HellaSwag accuracy" in proc.stdout and "sample 0:" in proc.stdout
+    assert "Recompiling" not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
+
+
+def test_after_an_evaluation_fsdp_keeps_its_own_reshard_settings(tmp_path):
+    """sharding.gathered keeps the whole model on every rank for an evaluation, then hands back FSDP's own
+    defaults: the blocks reshard after forward, the root does not (it resharded after every forward before)."""
+    import torch.distributed as dist
+
+    from machinery import sharding
+
+    def after_forward():  # (FSDP's own record of it, per module: None means kept whole)
+        return [[g.post_forward_mesh_info is None for g in m._get_fsdp_state()._fsdp_param_groups]
+                for m in model.modules() if sharding.is_sharded(m)]
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = sharding.shard_model(train_gpt2.GPT(train_gpt2.GPTConfig(block_size=16, vocab_size=64, n_layer=2,
+                                                                         n_head=2, n_embd=16)))
+        idx = torch.randint(0, 64, (2, 16))
+        model(idx, idx)[1].backward()
+        before = after_forward()
+        assert before[0] == [True] and before[1] == [False]  # the root (first) keeps; a block reshards
+        with sharding.gathered(model), torch.no_grad():
+            model(idx, idx)
+        assert after_forward() == before
+    finally:
+        dist.destroy_process_group()

@@ -5,6 +5,7 @@ TMPDIR as it found them, and a phase that cannot work fails in one line that nam
 """
 
 import os
+import re
 import sys
 
 import pytest
@@ -87,6 +88,14 @@ def test_resuming_a_real_run_leaves_its_folder_byte_for_byte(shards, hellaswag_d
     assert_passed(proc)
     assert "resuming at step 6 from " in proc.stdout and "for steps 6-11 (6 x " in proc.stdout
     assert snapshot(log_dir) == before and leftovers(tmp) == []
+    # the finished run itself: the preflight says so and exits 0, as the run does (it trained on past the last
+    # step, with negative ETAs)
+    proc = preflight(shards, log_dir, tmp, "--max_steps", 7)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == (f"preflight: nothing to check: {log_dir} holds a complete run (its "
+                                                    "log reaches step 6, --max_steps is 7); nothing to do. Pass a "
+                                                    "larger --max_steps to train on")
+    assert "step " not in proc.stdout and snapshot(log_dir) == before and leftovers(tmp) == []
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -103,6 +112,10 @@ def test_two_gloo_ranks_pass_and_measure_the_link(shards, hellaswag_dir, tmp_pat
     assert "preflight: link: all-reduce of " in proc.stdout
     assert "recipe speedrun-simple" in proc.stdout and "val loss over the first 2,048 val tokens" in proc.stdout
     assert " GB/s" in proc.stdout.split("preflight: link:")[1].splitlines()[0]
+    # the gradients this rank holds: the whole model's under DDP, its half under FSDP (no room for a whole copy)
+    n = int(re.search(r"model: ([\d,]+) parameters", proc.stdout).group(1).replace(",", ""))
+    mb = float(re.search(r"link: all-reduce of ([\d.]+) MB \(this rank's gradients\)", proc.stdout).group(1))
+    assert mb == pytest.approx(4 * n / 1e6 / (2 if fsdp else 1), rel=0.02)
     assert not os.path.exists(log_dir) and leftovers(tmp) == []
 
 

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend
 from conftest import REPO, TINY_MODEL, read_log, run, run_script
 
 from machinery import speed
@@ -126,18 +127,27 @@ def test_ladder_runs_every_rung():
                      r"[\d.]+x$", proc.stdout, flags=re.M)
 
 
-@pytest.mark.parametrize("name, kept", [("flash", {"flash", "math"}), ("math", {"math"})])
-def test_a_chosen_sdpa_kernel_keeps_math_for_the_calls_it_refuses(name, kept):
+@pytest.mark.parametrize("name, kept", [("flash", {"flash", "math"}), ("math", {"math"}),
+                                        ("cudnn", {"cudnn", "math"}), ("efficient", {"mem_efficient", "math"})])
+def test_a_chosen_sdpa_kernel_comes_first_with_math_kept_for_the_calls_it_refuses(name, kept):
     """--sdpa_backend flash (or cudnn) alone would leave the KV cache's masked calls and fp32 without a kernel
-    ("No available kernel" at the first evaluation's samples): math stays enabled beside it."""
+    ("No available kernel" at the first evaluation's samples): math stays enabled beside it, but after it in
+    torch's priority order, or torch picks math wherever its default order puts math first (cuDNN on many
+    builds). The CUDA kernels' switches are torch's global flags, set the same without a GPU; which kernel
+    really runs is checked here on CPU for flash and math, on a GPU for all (test_cuda.py)."""
     kinds = ("flash", "mem_efficient", "math", "cudnn")
-    before = {k: getattr(torch.backends.cuda, f"{k}_sdp_enabled")() for k in kinds}
+    order = torch._C._get_sdp_priority_order()
     try:
-        speed.select_sdpa_backend(name, "cpu")
+        speed.select_sdpa_backend(name, "cuda" if name in ("cudnn", "efficient") else "cpu")
         assert {k for k in kinds if getattr(torch.backends.cuda, f"{k}_sdp_enabled")()} == kept
+        first = SDPBackend(torch._C._get_sdp_priority_order()[0]).name
+        assert first == speed.SDPA_BACKENDS[name], torch._C._get_sdp_priority_order()
+        if name in ("flash", "math"):
+            assert speed.sdpa_kernel_in_use(2, 64, 32, "cpu", torch.float32) == speed.SDPA_BACKENDS[name]
     finally:
-        for k, on in before.items():
-            getattr(torch.backends.cuda, f"enable_{k}_sdp")(on)
+        speed.select_sdpa_backend("auto", "cpu")
+    assert all(getattr(torch.backends.cuda, f"{k}_sdp_enabled")() for k in kinds)
+    assert torch._C._get_sdp_priority_order() == order  # auto: torch's defaults again
 
 
 # two gloo ranks: -B auto's probes, then DDP around the compiled model, as setup_run does
