@@ -228,7 +228,10 @@ def evaluate(model, device, split="val", rank=0, world_size=1, limit=None, batch
     examples = rendered_examples(split, rank, world_size, limit, model.max_len, cache_dir)
     predictions = {}
     correct_norm = correct = 0
-    for group in tqdm(pack(examples, batch_tokens), disable=not progress, desc="HellaSwag"):
+    t0 = time.time()
+    for n, group in enumerate(tqdm(pack(examples, batch_tokens), disable=not progress, desc="HellaSwag")):
+        if progress and n == 1:  # the first batch done: say up front when the whole will take minutes
+            announce(len(examples), len(predictions), time.time() - t0, limit)
         width = max(e[1].size(1) for e in group)
         tokens = torch.cat([F.pad(e[1], (0, width - e[1].size(1))) for e in group]).to(device)
         mask = torch.cat([F.pad(e[2], (0, width - e[2].size(1))) for e in group]).to(device)
@@ -244,6 +247,15 @@ def evaluate(model, device, split="val", rank=0, world_size=1, limit=None, batch
             correct += int(pred == label)
             correct_norm += int(pred_norm == label)
     return Result(correct_norm, correct, len(examples), predictions)
+
+
+def announce(total, done, seconds, limit):
+    """One line when scoring `total` examples at the speed of the first `done` will take a minute or more."""
+    projected = seconds / done * total
+    if projected >= 60:
+        print(f"HellaSwag: {total:,} examples, about {projected / 60:.0f} min at the first {done}'s speed"
+              + ("" if limit else "; --limit N scores the first N only (e.g. --limit 1000 for a quick estimate)"),
+              flush=True)
 
 
 def load_model(name_or_path, device, compile=False):

@@ -107,7 +107,6 @@ def plot(log_dir, out=None):
     other_data = "" if data in (None, where) else f" ({where}; this run's val data is other text)"
     ax_loss.axhline(loss, color="r", linestyle="--", label=f"OpenAI GPT-2 {size['name']}: val loss{other_data}")
     ax_loss.set(xlabel="step", ylabel="loss", title="Loss")
-    ax_loss.legend()
 
     n = f", {examples:,} examples per point" if examples else ""
     # the val file this machine holds now (a run records no digest of the one it scored)
@@ -124,10 +123,11 @@ def plot(log_dir, out=None):
     ax_hella.axhline(gpt3_hella, color="g", linestyle="--", label=f"OpenAI GPT-3 {gpt3} (paper)")
     ax_hella.axhline(CHANCE, color="gray", linestyle=":", label="chance (1 in 4)")
     ax_hella.set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
-    ax_hella.legend()
+    for ax in (ax_loss, ax_hella):  # under each plot, not over its curves and reference lines, and inside the image
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), fontsize="small")
     fig.tight_layout()
     path = out or os.path.join(log_dir, "curves.png")
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
     return fig, path
 
 

@@ -900,10 +900,14 @@ def check_inputs(args, compute):
     candidates = micro_batch_sizes(args, compute)
     if args.batch_size != "auto":
         check_cuda_graphs(args, compute, args.batch_size)
+    config = gpt_config(args)
+    with torch.device("meta"):  # the parameter count, with nothing allocated (GPT-2 XL's 1.56B included)
+        n_params = GPT(config).num_params(non_embedding=False)
+    speed.check_memory(n_params, config, args, compute.device_type, compute.world_size, compute.dtype, candidates[-1],
+                       optimizer_moments=1 if args.optimizer == "muon" else 2)
     # with -B auto, the data is checked at the smallest candidate and the loaders made again once B is known
     train_loader, val_loader = make_loaders(args, compute, candidates[-1])
     enc = load_eval_data(args)
-    config = gpt_config(args)
     checkpoints.check_not_diverged(args)
     ckpt = checkpoints.find_resume_checkpoint(args, "cpu")
     identity = checkpoints.data_identity({"train": train_loader, "val": val_loader})

@@ -68,6 +68,7 @@ def parameters(fn, *names):
 
 
 def module(name):
+    """The module, imported when its check runs: one that is missing fails its own line, not the probe."""
     return importlib.import_module(name)
 
 
@@ -79,23 +80,22 @@ def muon():
 
 def apis():
     """The newer torch APIs the recipe's paths call; True when all are there."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import state_dict
-    from torch.nn.attention import sdpa_kernel
-
     checks = [
         ("torch.optim.Muon (--optimizer muon)", muon),
         ("torch.distributed.fsdp.fully_shard (--fsdp)", lambda: module("torch.distributed.fsdp").fully_shard and None),
         ("FSDPModule.set_requires_gradient_sync, set_reshard_after_forward",
          lambda: [getattr(module("torch.distributed.fsdp").FSDPModule, n) for n in
                   ("set_requires_gradient_sync", "set_reshard_after_forward", "unshard", "reshard")] and None),
-        ("torch.distributed.checkpoint.load(no_dist=)", lambda: parameters(dcp.load, "no_dist")),
+        ("torch.distributed.checkpoint.load(no_dist=)",
+         lambda: parameters(module("torch.distributed.checkpoint").load, "no_dist")),
         ("get_model_state_dict, get_optimizer_state_dict",
-         lambda: (state_dict.get_model_state_dict, state_dict.get_optimizer_state_dict) and None),
+         lambda: [getattr(module("torch.distributed.checkpoint.state_dict"), n) for n in
+                  ("get_model_state_dict", "get_optimizer_state_dict")] and None),
         ("distribute_tensor(src_data_rank=)",
          lambda: parameters(module("torch.distributed.tensor").distribute_tensor, "src_data_rank")),
         ("torch.compiler.set_stance (evaluations eager under --fsdp)", lambda: torch.compiler.set_stance and None),
-        ("sdpa_kernel(set_priority=) (--sdpa_backend)", lambda: parameters(sdpa_kernel, "set_priority")),
+        ("sdpa_kernel(set_priority=) (--sdpa_backend)",
+         lambda: parameters(module("torch.nn.attention").sdpa_kernel, "set_priority")),
         ("torch._fused_sdp_choice", lambda: torch._fused_sdp_choice and None),
         ("nn.Module.compile (--fsdp --compile)", lambda: torch.nn.Module.compile and None),
         ("AdamW(fused=)", lambda: parameters(torch.optim.AdamW, "fused")),

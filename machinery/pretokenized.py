@@ -20,6 +20,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import huggingface_hub
+import requests
 from huggingface_hub import errors as hub_errors
 from tqdm import tqdm
 
@@ -37,14 +38,29 @@ PROGRESS_NAME = "pretokenized_progress.json"  # which source the folder holds, a
 STAGING = ".download"  # hf_hub_download's local_dir: files wait here until they are checked
 SHARD_RE = re.compile(r"^(.*/)?[^/]*_(val|train)_(\d+)\.bin$")
 
+REACH_TIMEOUT = 15  # seconds for check_reachable's one request (a slow link still answers within it)
+
 
 def default_out_dir(name):
     """The folder a download goes to by default: named after the table's name or the dataset id."""
     return name.split("/")[-1]
 
 
+def check_reachable(repo_id):
+    """One request, without retries: a hub that cannot be reached is said in one line at once, not after the
+    client's retries (about 25 s and 11 lines of them). Any answer at all, an error status included, goes on
+    to the real calls, which tell those apart."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return  # the client's own refusal says so (hub_failure)
+    try:
+        requests.head(huggingface_hub.constants.ENDPOINT, timeout=REACH_TIMEOUT, allow_redirects=False)
+    except requests.RequestException as e:
+        raise hub_failure(repo_id, None, e) from None
+
+
 def remote_shards(repo_id, num_shards):
     """[(path in the repo, size)] of the val shard and the first num_shards train shards (None: all of them)."""
+    check_reachable(repo_id)
     try:
         files = [(f.path, f.size) for f in huggingface_hub.list_repo_tree(repo_id, repo_type="dataset", recursive=True)
                  if isinstance(f, huggingface_hub.hf_api.RepoFile)]

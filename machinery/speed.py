@@ -212,6 +212,72 @@ def sdpa_kernel_in_use(n_head, T, head_size, device, dtype):
 
 
 # -----------------------------------------------------------------------------
+# Memory arithmetic before anything is built
+
+
+def device_memory_bytes(device_type):
+    """What one process may fill: a GPU's whole memory, or on CPU the host's RAM (None where unknown: MPS)."""
+    if device_type == "cuda":
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    if device_type == "cpu" and hasattr(os, "sysconf"):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return None
+
+
+def memory_floor(n_params, config, B, T, dtype, optimizer_moments=2, shards=1, recompute=False, chunked_ce=False):
+    """(state, activations): bytes that one process needs, reckoned on the low side. State: fp32
+    weights, gradients and the optimizer's moments (AdamW's two; split across `shards` under FSDP).
+    Activations of one micro-batch: per block at least 16 saved values per token and channel (the norms' and
+    matmuls' inputs: C + C + 3C + C + C + C + 4C + 4C), only the block's input under recompute; and the logits
+    with their fp32 softmax, 8 bytes per vocabulary entry per token (none with the chunked loss)."""
+    state = 4 * n_params * (2 + optimizer_moments) / shards
+    value = 2 if dtype == "bf16" else 4
+    per_block = (1 if recompute else 16) * config.n_embd * value
+    logits = 0 if chunked_ce else 8 * config.vocab_size
+    return state, B * T * (config.n_layer * per_block + logits)
+
+
+MARGIN = 1.5  # check_memory's room to spare
+
+
+def check_memory(n_params, config, args, device_type, world_size, dtype, B, optimizer_moments=2, total=None):
+    """Refuse at once, in one line, a run whose memory_floor does not fit the device (on CPU, the host, which
+    all processes share), naming what would: a smaller -B, --chunked_ce, --recompute, --fsdp on GPUs, a
+    smaller --model. A run under the floor may still run out; one over it would, after minutes of building."""
+    total = total or device_memory_bytes(device_type)
+    if total is None:
+        return
+    processes = world_size if device_type == "cpu" else 1  # CPU processes share one host's memory
+    shards = world_size if args.fsdp else 1
+
+    def need(b, **changes):
+        options = dict(shards=shards, recompute=args.recompute, chunked_ce=bool(args.chunked_ce),
+                       optimizer_moments=optimizer_moments)
+        options.update(changes)
+        return processes * sum(memory_floor(n_params, config, b, args.seq_len, dtype, **options))
+
+    if need(B) <= total:
+        return
+    state, activations = memory_floor(n_params, config, B, args.seq_len, dtype, optimizer_moments, shards,
+                                      args.recompute, bool(args.chunked_ce))
+    where = "GPU" if device_type == "cuda" else f"host ({processes} process{'es' if processes > 1 else ''})"
+    # a fix is named only with room to spare: real peaks run above the floor (GPT-2 124M on CPU at -B 2: 4.98 GB
+    # measured, the floor 4.0 GB; the activations 1.5x theirs)
+    fixes = [f"-B {b}" for b in micro_batch_candidates(args.total_batch_size, args.seq_len, world_size)
+             if b < B and MARGIN * need(b) <= total][:1]
+    if not args.chunked_ce and MARGIN * need(B, chunked_ce=True) <= total:
+        fixes.append("--chunked_ce 8192")
+    if not args.recompute and MARGIN * need(B, recompute=True) <= total:
+        fixes.append("--recompute")
+    if device_type == "cuda" and not args.fsdp:
+        fixes.append("--fsdp across more GPUs (under torchrun)")
+    fixes.append("a smaller --model or -T")
+    raise UserError(f"this run needs at least {state / 1e9:.1f} GB per process for the weights, gradients and "
+                    f"optimizer state and {activations / 1e9:.1f} GB for one micro-batch's activations at -B {B}, "
+                    f"and the {where} has {total / 1e9:.1f} GB: try {', or '.join(fixes)}")
+
+
+# -----------------------------------------------------------------------------
 # -B auto: the largest micro-batch that fits
 
 

@@ -7,12 +7,14 @@ TMPDIR as it found them, and a phase that cannot work fails in one line that nam
 import os
 import re
 import sys
+import time
 
 import pytest
 import torch
 from conftest import REPO, TINY_MODEL, assert_one_line_error, run, write_shards
 
 import train_gpt2
+from machinery import speed
 from machinery.preflight import Phases
 from machinery.common import UserError
 
@@ -170,3 +172,35 @@ def test_out_of_memory_in_a_phase_is_one_line_naming_a_smaller_batch():
                 raise error
         assert str(e.value).startswith("preflight failed at first step: out of GPU memory at -B 64 (CUDA out of")
         assert "pass -B 32" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_run_too_large_for_the_machine_is_refused_before_anything_is_built(tmp_path):
+    """GPT-2 XL's weights, gradients and AdamW moments alone are 24.9 GB: on a 24 GB CPU box `--model gpt2-xl
+    --preflight -B 1` built the model and passed 15 GB of memory with no word. Now the arithmetic comes first,
+    in one line naming what would fit, within seconds."""
+    need = 24.9e9 + 5.4e9  # the floor at -B 1 (checked below)
+    if speed.device_memory_bytes("cpu") >= need:
+        pytest.skip(f"this host has {speed.device_memory_bytes('cpu') / 1e9:.0f} GB: GPT-2 XL's floor fits")
+    t0 = time.time()
+    proc = run([sys.executable, os.path.join(REPO, "train_gpt2.py"), "--model", "gpt2-xl", "--preflight", "-B", "1",
+                "--device", "cpu", "--log_dir", str(tmp_path / "log")], env={"TMPDIR": str(tmp_path)})
+    assert time.time() - t0 < 30
+    assert_one_line_error(proc, "preflight failed at inputs: this run needs at least 24.9 GB per process for the "
+                          "weights, gradients and optimizer state and 5.4 GB for one micro-batch's activations at "
+                          "-B 1, and the host (1 process) has ", "try a smaller --model or -T")
+    assert not os.path.exists(tmp_path / "log") and leftovers(tmp_path) == []
+
+
+def test_the_memory_floor_names_what_would_fit():
+    args = train_gpt2.parse_args([])
+    config = train_gpt2.gpt_config(args)
+    n = 124_475_904
+    with pytest.raises(UserError) as e:  # the default recipe on a 40 GB GPU: -B 64 is too much
+        speed.check_memory(n, config, args, "cuda", 1, "bf16", 64, total=40e9)
+    assert str(e.value) == ("this run needs at least 2.0 GB per process for the weights, gradients and optimizer "
+                            "state and 45.7 GB for one micro-batch's activations at -B 64, and the GPU has 40.0 GB: "
+                            "try -B 32, or --chunked_ce 8192, or --fsdp across more GPUs (under torchrun), or a "
+                            "smaller --model or -T")
+    speed.check_memory(n, config, args, "cuda", 1, "bf16", 64, total=80e9)  # an 80 GB one: fine
+    with pytest.raises(UserError, match=r"the host \(2 processes\) has 24.0 GB: try -B 4, or"):  # CPU: RAM shared
+        speed.check_memory(n, config, args, "cpu", 2, "fp32", 16, total=24e9)

@@ -166,6 +166,12 @@ def test_a_server_error_then_no_server_are_one_line_each_and_bounded(hub, tmp_pa
     assert time.time() - t0 < 90
     assert_one_line_error(procs[0], "answered 500", "after retries")
     assert_one_line_error(procs[1], "cannot reach the hub at http://127.0.0.1:9", "HF_ENDPOINT")
+    # no hub at all is found out first, in one request: one line and no retries (11 lines over about 34 s before)
+    t0 = time.time()
+    unreachable = run_script("fineweb.py", "--pretokenized", REPO_ID, "--out_dir", tmp_path / "d",
+                             env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert time.time() - t0 < 15 and len(unreachable.stderr.strip().splitlines()) == 1, unreachable.stderr
+    assert_one_line_error(unreachable, "cannot reach the hub at http://127.0.0.1:9")
     offline = run_script("fineweb.py", "--pretokenized", REPO_ID, "--out_dir", tmp_path / "c",
                          env={"HF_HUB_OFFLINE": "1"})
     assert_one_line_error(offline, "HF_HUB_OFFLINE")

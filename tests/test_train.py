@@ -101,6 +101,13 @@ def test_plot_labels_the_run_by_its_own_size_and_hellaswag_sample(shakespeare_ru
     assert "OpenAI GPT-2 124M: val loss (FineWeb-Edu; this run's val data is other text)" in labels
     assert "OpenAI GPT-3 Small, 125M (paper)" in labels
     assert ax_loss.get_yscale() == "linear" and open(path, "rb").read(4) == b"\x89PNG"
+    # each legend lies under its plot (it covered GPT-2's line), and within the saved image (it spilled past it)
+    renderer = fig.canvas.get_renderer()
+    saved = fig.get_tightbbox(renderer)
+    for ax in fig.axes:
+        legend = ax.get_legend().get_window_extent(renderer)
+        assert legend.y1 <= ax.get_window_extent(renderer).y0
+        assert saved.x0 * fig.dpi <= legend.x0 and legend.x1 <= saved.x1 * fig.dpi
     # build-nanogpt's logs: no checkpoint
     assert plot_log.describe_run(plot_log.newest_checkpoint(str(tmp_path))) == ("this run", None, None)
 
