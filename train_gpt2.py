@@ -16,6 +16,7 @@ Nothing runs at import time; `main()` does the work.
 import argparse
 import contextlib
 import datetime
+import gc
 import glob
 import inspect
 import math
@@ -693,8 +694,19 @@ def stop_run(run, step, saved, stop_signals):
     print(f"rank {compute.rank}: stopped at step {step} on {signal.Signals(signum).name}"
           + (f", saved {saved}" if saved else "") + "; run the same command again to resume\n", end="", flush=True)
     if compute.ddp:
-        dist.destroy_process_group()
+        end_process_group(run)
     return 128 + signum
+
+
+def end_process_group(run):
+    """The process group's end, once every rank is past its last collective. DDP's reducer holds the group, so it
+    goes first: the group then ends in destroy_process_group, where torch lets go of the GIL while it waits for
+    gloo's worker threads. Ended from the reducer's deallocation instead, with the GIL held, it deadlocked against
+    a worker thread freeing the barrier's tensors, which needs the GIL (torch's issue 56297): seen as a rank of a
+    finished run that never exited."""
+    run.model = run.raw_model
+    gc.collect()  # (the DDP module may sit in reference cycles)
+    dist.destroy_process_group()
 
 
 def share_step_results(compute, loss_accum, stop, timed):
@@ -770,7 +782,7 @@ def finish_run(run):
             run.wandb.finish()
     if compute.ddp:
         dist.barrier()  # no rank closes its connections while another still uses them
-        dist.destroy_process_group()
+        end_process_group(run)
     return 0
 
 

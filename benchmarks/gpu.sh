@@ -139,7 +139,8 @@ case "$STAGE" in
             | tee "$OUT/ladder.log" | tail -16 ;;
     eval)
         timeout 580 $PY benchmarks/eval_speed.py --size 124M --limit 0 --device cuda --dtype bf16 --compile \
-            ${DRY:+--size small --limit 8 --device cpu --dtype fp32} 2>&1 | tee "$OUT/eval.log" | tail -8 ;;
+            ${DRY:+--size small --limit 8 --new_tokens 16 --device cpu --dtype fp32} 2>&1 | tee "$OUT/eval.log" | tail -8
+        note "eval: $(tail -1 "$OUT/eval.log")" ;;
     side)
         if [ -n "$DRY" ]; then  # build-nanogpt's own 124M run needs the GPU; its project command is dry-run by the suite
             note "side by side: skipped in a dry run"

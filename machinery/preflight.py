@@ -87,6 +87,7 @@ def run(args, recipe):
             print_report(report, real, phases, recipe.duration)
         if compute.ddp:
             dist.barrier()  # every rank is done with the folder before rank 0 deletes it
+            gc.collect()  # the runs' DDP reducers go before their process group (train_gpt2.end_process_group)
             dist.destroy_process_group()
     finally:
         if compute.master:

@@ -54,7 +54,7 @@ def test_gpu_sh_first_in_dry_mode_runs_every_section_in_order(gpu_data, tmp_path
     assert re.search(r"benchmark \(default recipe, 20 steps\): benchmark: median [\d.]+ ms/step", summary)
     assert re.search(r"^profile: profiled step 3: ", summary, flags=re.M)
     assert "aten::mm" in (tmp_path / "profile.log").read_text()
-    assert re.search(r"cuda tests: .*1\d tests collected", summary), summary
+    assert re.search(r"cuda tests: .* \d+/\d+ tests collected", summary), summary
 
 
 @pytest.mark.parametrize("stage, wanted", [
@@ -76,8 +76,8 @@ def test_gpu_sh_stages_in_dry_mode(gpu_data, tmp_path, stage, wanted):
 
 
 def test_gpu_sh_eval_and_side_in_dry_mode(gpu_data, tmp_path):
-    out, summary = dry_stage(gpu_data, tmp_path, "eval")
-    assert "HellaSwag" in out or "examples" in out, out[-2000:]
+    _, summary = dry_stage(gpu_data, tmp_path, "eval")
+    assert re.search(r"^eval: .*\d", summary, flags=re.M), summary
     _, summary = dry_stage(gpu_data, tmp_path, "side")
     assert "side by side: skipped in a dry run" in summary
 
@@ -140,7 +140,7 @@ def test_the_side_by_side_scripts_project_command_runs_on_cpu(shakespeare_shards
     if not os.path.exists(path):
         pytest.skip(f"no {path}")
     text = open(path).read().replace("\\\n", " ")
-    line = next(line for line in text.splitlines() if "python3 train_gpt2.py" in line)
+    line = next(line for line in text.splitlines() if "python3 train_gpt2.py --" in line)  # (not the reference's)
     flags = line.split("python3 train_gpt2.py", 1)[1].split('"$@"')[0]
     flags = flags.replace('"$W/shards"', shakespeare_shards).replace('"$W/ourlog"', str(tmp_path / "log"))
     flags = flags.replace('"$STEPS"', "40")
