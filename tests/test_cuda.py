@@ -17,9 +17,10 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_MODEL, read_log, run, run_script, write_shards
+from conftest import REPO, TINY_MODEL, read_log, run, run_script
 
 CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here (see "
                                                                                  "benchmarks/gpu.sh)")]
@@ -108,19 +109,23 @@ def test_kv_cache_in_bf16(device):
 
 @pytest.fixture(scope="module")
 def cuda_shards(tmp_path_factory):
-    """Shards whose token at offset j is (1000 * shard + j) % 50000."""
-    root = str(tmp_path_factory.mktemp("cuda_shards"))
-    write_shards(root, [40_000], split="val", first_index=0)
-    write_shards(root, [60_000, 60_000], split="train", first_index=1)
-    return root
+    """Shards that cycle through 64 token ids: a pattern a 2-layer GPT learns within 20 steps (the val loss from
+    10.85 to 7.17 on CPU at the CPU half's sizes). (Shards of ever-new ids, (1000 * shard + j) % 50000, taught
+    it nearly nothing in 20 steps: 10.84 to 10.77.)"""
+    root = tmp_path_factory.mktemp("cuda_shards")
+    for name, n in [("val_000000", 40_000), ("train_000001", 60_000), ("train_000002", 60_000)]:
+        np.save(root / f"edufineweb_{name}.npy", (100 + np.arange(n) % 64).astype(np.uint16))
+    return str(root)
 
 
 def train_args(device, data_dir, log_dir, *extra):
-    """The device's defaults, a tiny GPT, 2 accumulation steps."""
-    return [os.path.join(REPO, "train_gpt2.py"), "--data_dir", data_dir, "--log_dir", log_dir, *TINY_MODEL,
-            "-B", 8, "-T", 64, "--total_batch_size", 1024, "--max_steps", STEPS, "--warmup_steps", 2,
-            "--max_lr", 3e-3, "--eval_every", 10, "--val_steps", 2, "--hellaswag_limit", 40, "--save_every", 5,
-            "--checkpoint_every", 10, *device_flags(device), *extra]
+    """The device's defaults, a tiny GPT, 2 accumulation steps. On CPU a quarter of the batch and 8 HellaSwag
+    examples: this CPU has no bf16 matmul units, and emulated bf16 ran 1.6 s a step even at 128 tokens."""
+    sizes = ["-B", 8, "-T", 64, "--total_batch_size", 1024, "--hellaswag_limit", 40] if device == "cuda" else \
+        ["-B", 2, "-T", 32, "--total_batch_size", 128, "--hellaswag_limit", 8]
+    return [os.path.join(REPO, "train_gpt2.py"), "--data_dir", data_dir, "--log_dir", log_dir, *TINY_MODEL, *sizes,
+            "--max_steps", STEPS, "--warmup_steps", 2, "--max_lr", 3e-3, "--eval_every", 10, "--val_steps", 2,
+            "--save_every", 5, "--checkpoint_every", 10, *device_flags(device), *extra]
 
 
 def python(args):
@@ -142,8 +147,8 @@ def trained(request, tmp_path_factory, cuda_shards, hellaswag_dir):
 
 
 def test_default_path_trains_evaluates_and_samples(trained):
-    """It learns: the val loss falls at every evaluation (measured on CPU, bf16 and compiled: 10.84, 10.46, 10.28;
-    the test once wanted a fall of 1.0 in 20 steps, which a 2-layer model cannot make on this data)."""
+    """It learns: the val loss falls at every evaluation, by 1.0 in all (on CPU, bf16 and compiled: 10.85, 8.17,
+    7.17; the test once wanted that on data a 2-layer model cannot learn so fast, and could pass nowhere)."""
     device, log_dir, out = trained
     assert f"device {'cuda:0' if device == 'cuda' else 'cpu'} | dtype bf16 | compile True (default)" in out
     assert ("fused AdamW True" in out) == (device == "cuda")
@@ -151,7 +156,7 @@ def test_default_path_trains_evaluates_and_samples(trained):
     log = read_log(os.path.join(log_dir, "log.txt"))
     assert sorted(log["val"]) == [0, 10, STEPS - 1] and sorted(log["hella"]) == [0, 10, STEPS - 1]
     assert log["val"][0] > log["val"][10] > log["val"][STEPS - 1]
-    assert log["val"][STEPS - 1] < log["val"][0] - 0.2
+    assert log["val"][STEPS - 1] < log["val"][0] - 1.0
 
 
 def test_export_of_a_checkpoint_trained_in_bf16(trained, tmp_path):
