@@ -72,12 +72,14 @@ def run(args, recipe):
         compute = recipe.compute_init(args)
         phases.device_type = compute.device_type
         inputs = recipe.check_inputs(args, compute)
-        if done := recipe.run_complete(real, inputs.ckpt):  # as the run itself would say, and exit 0
-            compute.print0(f"preflight: nothing to check: {done}")
-            return 0
-        check_log_dir(real, inputs)
-        recipe.init_distributed(compute, inputs.ckpt["step"] if inputs.ckpt else 0)
-        folder = temporary_folder(compute)
+        done = recipe.run_complete(real, inputs.ckpt)
+        if not done:
+            check_log_dir(real, inputs)
+            recipe.init_distributed(compute, inputs.ckpt["step"] if inputs.ckpt else 0)
+            folder = temporary_folder(compute)
+    if done:  # as the run itself would say, and exit 0
+        compute.print0(f"preflight: nothing to check: {done}")
+        return 0
     try:
         args.log_dir, args.wandb, args.overwrite = folder, False, False
         args.hellaswag_limit = min(args.hellaswag_limit or HELLASWAG_EXAMPLES, HELLASWAG_EXAMPLES)
