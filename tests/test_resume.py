@@ -302,7 +302,13 @@ def test_a_second_run_in_the_same_folder_refuses(reference, small_shards, tmp_pa
     args = train_args(small_shards, log_dir)
     first = start(args)
     wait_until(first, logged(log_dir, "1 train"))
-    second = run(command(args))
+    # held still while the second starts: a tiny run could otherwise finish first (CI saw the second find it
+    # complete, exit 0); a stopped process keeps its lock
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = run(command(args))
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode != 0 and "Traceback" not in second.stderr
     last = second.stderr.strip().splitlines()[-1]
     assert f"{log_dir} is in use by pid {first.pid} on " in last and "--log_dir" in last
