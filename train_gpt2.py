@@ -1430,7 +1430,7 @@ def fit_presets(p, args, given):
     W = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's processes
     B, T = args.batch_size, args.seq_len
     if "batch_size" not in given and B != "auto" and T > 0 and args.total_batch_size % (B * T * W):
-        fits = [b for b in range(B - 1, 0, -1) if args.total_batch_size % (b * T * W) == 0]
+        fits = [b for b in speed.micro_batch_candidates(args.total_batch_size, T, W) if b < B]
         if fits:
             changed.append(f"-B {B} -> {fits[0]} ({args.total_batch_size:,} tokens per step across {W} processes)")
             args.batch_size = fits[0]

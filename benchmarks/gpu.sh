@@ -88,20 +88,17 @@ preflight() {  # the default recipe's every phase on this GPU, and its projected
     grep -E '^preflight: (speed|peak|the run)' "$OUT/preflight.log" >> "$OUT/summary.txt"
 }
 
-bench() {  # bench NAME SECONDS FLAGS...: one --benchmark run of the default recipe, GPT-2 124M, B=64, T=1024
-    local name=$1 seconds=$2 line
-    shift 2
+bench() {  # bench NAME SECONDS LOG FLAGS...: one --benchmark run of the default recipe, GPT-2 124M, B=64, T=1024
+    local name=$1 seconds=$2 log=$3 line
+    shift 3
     line=$(timeout "$seconds" $PY train_gpt2.py --benchmark --max_steps 30 "$@" ${DRY:+"${TINY_TRAIN[@]}"} 2>&1 \
-        | tee -a "$OUT/speed.log" | grep '^benchmark:')
-    note "$name: ${line:-FAILED (see speed.log)}"
+        | tee -a "$OUT/$log" | grep '^benchmark:')
+    note "$name: ${line:-FAILED (see $log)}"
 }
 
 benchmark() {  # 20 steps: a steadier tok/s and MFU than the preflight's 3, and the peak reserved memory
     header benchmark
-    local line
-    line=$(timeout "${1:-150}" $PY train_gpt2.py --benchmark --max_steps 20 ${DRY:+"${TINY_TRAIN[@]}"} 2>&1 \
-        | tee "$OUT/benchmark.log" | grep -E '^(benchmark:|train_gpt2.py: error)')
-    note "benchmark (default recipe, 20 steps): ${line:-FAILED (see benchmark.log)}"
+    bench "benchmark (default recipe, 20 steps)" "${1:-150}" benchmark.log --max_steps 20
 }
 
 profile() {  # one step under torch.profiler, so the next speed work knows where the time goes
@@ -130,11 +127,11 @@ case "$STAGE" in
     tests) machine; tests ;;
     speed)
         : > "$OUT/speed.log"
-        bench "default (B=64)" 120
-        bench "-B auto" 150 -B auto
-        bench "--chunked_ce 8192" 120 --chunked_ce 8192
-        bench "--sdpa_backend cudnn" 120 --sdpa_backend cudnn
-        bench "--compile_mode max-autotune-no-cudagraphs" 240 --compile_mode max-autotune-no-cudagraphs
+        bench "default (B=64)" 120 speed.log
+        bench "-B auto" 150 speed.log -B auto
+        bench "--chunked_ce 8192" 120 speed.log --chunked_ce 8192
+        bench "--sdpa_backend cudnn" 120 speed.log --sdpa_backend cudnn
+        bench "--compile_mode max-autotune-no-cudagraphs" 240 speed.log --compile_mode max-autotune-no-cudagraphs
         timeout 420 $PY benchmarks/ladder.py ${DRY:+--size tiny -B 2 -T 64 --steps 3 --device cpu} 2>&1 \
             | tee "$OUT/ladder.log" | tail -16 ;;
     eval)

@@ -311,10 +311,7 @@ def link_speed(model, compute, repeats=3):
 def peak_memory(device_type):
     """(peak, total) bytes: the GPU's allocations against its memory, or the process's peak resident memory
     against the machine's."""
-    if device_type == "cuda":
-        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    else:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    total = speed.device_memory_bytes("cuda" if device_type == "cuda" else "cpu")  # (MPS: the host's memory too)
     return speed.peak_memory_bytes(device_type), total
 
 

@@ -250,16 +250,17 @@ def check_memory(n_params, config, args, device_type, world_size, dtype, B, opti
     processes = world_size if device_type == "cpu" else 1  # CPU processes share one host's memory
     shards = world_size if args.fsdp else 1
 
+    def floor(b, **changes):  # (state, activations) of this run at micro-batch b, with changes to its flags
+        options = dict(optimizer_moments=optimizer_moments, shards=shards, recompute=args.recompute,
+                       chunked_ce=bool(args.chunked_ce))
+        return memory_floor(n_params, config, b, args.seq_len, dtype, **{**options, **changes})
+
     def need(b, **changes):
-        options = dict(shards=shards, recompute=args.recompute, chunked_ce=bool(args.chunked_ce),
-                       optimizer_moments=optimizer_moments)
-        options.update(changes)
-        return processes * sum(memory_floor(n_params, config, b, args.seq_len, dtype, **options))
+        return processes * sum(floor(b, **changes))
 
     if need(B) <= total:
         return
-    state, activations = memory_floor(n_params, config, B, args.seq_len, dtype, optimizer_moments, shards,
-                                      args.recompute, bool(args.chunked_ce))
+    state, activations = floor(B)
     where = "GPU" if device_type == "cuda" else f"host ({processes} process{'es' if processes > 1 else ''})"
     # a fix is named only with room to spare: real peaks run above the floor (GPT-2 124M on CPU at -B 2: 4.98 GB
     # measured, the floor 4.0 GB; the activations 1.5x theirs)
