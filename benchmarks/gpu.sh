@@ -132,7 +132,7 @@ case "$STAGE" in
         bench "--chunked_ce 8192" 120 speed.log --chunked_ce 8192
         bench "--sdpa_backend cudnn" 120 speed.log --sdpa_backend cudnn
         bench "--compile_mode max-autotune-no-cudagraphs" 240 speed.log --compile_mode max-autotune-no-cudagraphs
-        timeout 420 $PY benchmarks/ladder.py ${DRY:+--size tiny -B 2 -T 64 --steps 3 --device cpu} 2>&1 \
+        timeout 420 $PY benchmarks/ladder.py ${DRY:+--size tiny -B 2 -T 32 --steps 3 --device cpu} 2>&1 \
             | tee "$OUT/ladder.log" | tail -16 ;;
     eval)
         timeout 580 $PY benchmarks/eval_speed.py --size 124M --limit 0 --device cuda --dtype bf16 --compile \

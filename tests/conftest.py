@@ -3,11 +3,14 @@ Shared fixtures. Data comes from ../shared/data when it is there (CI), else from
 exactly as the real code fetches it; with neither, the tests that need it skip with the reason.
 """
 
+import fcntl
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 
 import numpy as np
@@ -19,6 +22,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("GPT2_SHARED_DATA") or os.path.join(os.path.dirname(REPO), "shared", "data")
 sys.path.insert(0, REPO)
 
+# one compute thread in each test process and each process a test starts: the tests run side by side (pytest-xdist,
+# one worker per core), and two-thread processes would wait on each other's cores. A user's own setting is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+# torch.compile's C++ kernels built in the compiling process, not by a pool of worker processes of its own: no pool
+# to start in each compiling test (7 of a cold compile's 46 CPU seconds here); the same kernels either way
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 # hub lookups would retry for ~25 s before failing; tests never need the hub
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -34,10 +43,68 @@ speed.keep_freed_cpu_memory()
 TINY_MODEL = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "64"]
 
 
+DURATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "durations.json")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--write-durations", action="store_true",
+                     help=f"after the run, write each test's seconds (setup, call and teardown) to {DURATIONS}, "
+                          "the order the next runs start the tests in")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); run with `pytest -m cuda`")
     config.addinivalue_line("markers",
                             "slow: whole training runs and long sweeps; `pytest -m \"not slow\"` leaves them out")
+    # one compile cache for the whole run, shared by pytest-xdist's workers (they inherit this environment) and
+    # every process they start: a graph compiled by one test is loaded, not compiled again, by the next; a fresh
+    # folder each run, so that no run depends on what an earlier one left
+    if "PYTEST_XDIST_WORKER" not in os.environ and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        config.inductor_cache = tempfile.mkdtemp(prefix="gpt2-tests-inductor-")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = config.inductor_cache
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "inductor_cache", None):
+        shutil.rmtree(config.inductor_cache, ignore_errors=True)
+    if config.getoption("--write-durations") and "PYTEST_XDIST_WORKER" not in os.environ and TEST_SECONDS:
+        with open(DURATIONS, "w") as f:
+            json.dump({k: round(v, 1) for k, v in sorted(TEST_SECONDS.items())}, f, indent=0)
+            f.write("\n")
+
+
+TEST_SECONDS = {}  # nodeid: seconds, for --write-durations
+
+
+def pytest_runtest_logreport(report):
+    """(In the controller under xdist, with every worker's reports.) A test's seconds, its phases added up."""
+    TEST_SECONDS[report.nodeid] = TEST_SECONDS.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slowest first, by tests/durations.json (a new test counts as a slow one if it is marked so): under
+    xdist (`-n`, `--dist loadgroup`) the long tests start at once, and the last minutes are left to short ones,
+    not to one long test running alone. A group of tests (`xdist_group`) is placed as one, by its total."""
+    try:
+        with open(DURATIONS) as f:
+            known = json.load(f)
+    except (OSError, ValueError):
+        known = {}
+
+    def group(item):
+        mark = item.get_closest_marker("xdist_group")
+        return (mark.kwargs.get("name") or mark.args[0]) if mark else item.nodeid
+
+    def seconds(item):
+        return known.get(item.nodeid, 30.0 if item.get_closest_marker("slow") else 1.0)
+
+    totals = {}
+    for item in items:
+        totals[group(item)] = totals.get(group(item), 0.0) + seconds(item)
+    first_seen = {}
+    for i, item in enumerate(items):
+        first_seen.setdefault(group(item), i)
+    items.sort(key=lambda item: (-totals[group(item)], first_seen[group(item)]))
 
 
 @pytest.fixture(autouse=True)
@@ -59,6 +126,31 @@ def test_timeout():
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(scope="session")
+def shared_root(tmp_path_factory):
+    """A folder every pytest process of this run shares: under xdist each worker's basetemp is inside it."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
+
+
+@pytest.fixture(scope="session")
+def build_once(shared_root):
+    """build_once(name, make) -> what make(path) returned (JSON), make having run once in this run: the first
+    process to ask builds under a lock, the others wait for it and read the same folder. Shards and reference
+    runs that several tests read are made once, however xdist spreads those tests over its workers. The
+    readers must copy what they change."""
+    def once(name, make):
+        path, done = shared_root / name, shared_root / f"{name}.done.json"
+        with open(shared_root / f"{name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also on an exception
+            if not done.exists():
+                shutil.rmtree(path, ignore_errors=True)  # a build that failed in another process
+                result = make(path)
+                done.write_text(json.dumps(result))
+            return json.loads(done.read_text())
+    return once
 
 
 @pytest.fixture(scope="session")
@@ -100,16 +192,19 @@ def shakespeare_path():
 
 
 @pytest.fixture(scope="session")
-def shakespeare_shards(tmp_path_factory, shakespeare_path, enc):
+def shakespeare_shards(build_once, shakespeare_path, enc):
     """`fineweb.py --dataset shakespeare` (its download replaced by the local copy placed where it goes):
     50k-token shards, shard 0 = val, about 338k tokens in all."""
     import fineweb
 
-    out = tmp_path_factory.mktemp("shakespeare") / "tinyshakespeare"
-    os.makedirs(out)
-    shutil.copy(shakespeare_path, out / "input.txt")
-    fineweb.main(["--dataset", "shakespeare", "--out_dir", str(out), "--num_proc", "1"])
-    return str(out)
+    def make(root):
+        out = root / "tinyshakespeare"
+        os.makedirs(out)
+        shutil.copy(shakespeare_path, out / "input.txt")
+        fineweb.main(["--dataset", "shakespeare", "--out_dir", str(out), "--num_proc", "1"])
+        return str(out)
+
+    return build_once("shakespeare", make)
 
 
 def write_shards(root, lengths, split="train", first_index=1, dtype=np.uint16):
@@ -121,6 +216,16 @@ def write_shards(root, lengths, split="train", first_index=1, dtype=np.uint16):
         np.save(path, ((1000 * i + np.arange(n)) % 50000).astype(dtype))
         paths.append(path)
     return paths
+
+
+def shards_once(build_once, name, train, val):
+    """write_shards' train shards of these lengths and val shards of those, made once in the test run: the folder."""
+    def make(root):
+        write_shards(root, train)
+        write_shards(root, val, split="val", first_index=0)
+        return str(root)
+
+    return build_once(name, make)
 
 
 def run(args, cwd=None, timeout=600, env=None):
@@ -141,6 +246,17 @@ def assert_one_line_error(proc, *needles):
     for needle in needles:
         assert needle in last, last
     return last
+
+
+def main_error(main, *argv):
+    """A script's main(argv) in this process, stopped by a user error: the one-line message it exits with (what a
+    terminal shows last). The code path a fresh process runs, without its start-up; tests about processes
+    themselves (signals, launchers, a kill) start real ones."""
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    message = str(e.value.code)
+    assert e.value.code not in (0, None) and "\n" not in message, message
+    return message
 
 
 def read_log(path):

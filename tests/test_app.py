@@ -9,7 +9,8 @@ import time
 import pytest
 from conftest import REPO, TINY_MODEL, run_script
 
-pytestmark = pytest.mark.slow  # a training run and a web server
+# a training run and a web server, started once for the module's tests: one xdist worker runs them all
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("app")]
 
 
 def free_port():

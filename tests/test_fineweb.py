@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, assert_one_line_error, run, run_script
+from conftest import REPO, assert_one_line_error, main_error, run, run_script
 
 import fineweb
 
@@ -100,25 +100,25 @@ def test_spawn_start_method_gives_the_same_shards(tmp_path, docs):
     assert shard_files(tmp_path / "spawn") == shard_files(tmp_path / "fork")
 
 
-def test_existing_shards_are_kept_unless_overwrite(tmp_path, docs):
+def test_existing_shards_are_kept_unless_overwrite(tmp_path, docs, capsys):
     path = tmp_path / "c.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     out = tmp_path / "out"
     fineweb.main(["--dataset", str(path), "--out_dir", str(out), "--shard_size", "500"])
     before = shard_files(out)
-    proc = run_script("fineweb.py", "--dataset", path, "--out_dir", out, "--shard_size", 500)
-    assert proc.returncode == 0 and "is complete already" in proc.stdout
-    proc = run_script("fineweb.py", "--dataset", path, "--out_dir", out, "--shard_size", 100000)
-    assert_one_line_error(proc, "holds a run made with other --shard_size", "--overwrite")
+    capsys.readouterr()
+    fineweb.main(["--dataset", str(path), "--out_dir", str(out), "--shard_size", "500"])
+    assert "is complete already" in capsys.readouterr().out
+    msg = main_error(fineweb.main, "--dataset", path, "--out_dir", out, "--shard_size", 100000)
+    assert "holds a run made with other --shard_size" in msg and "--overwrite" in msg
     assert shard_files(out) == before
     os.remove(out / "edufineweb_progress.json")  # shards from elsewhere, e.g. build-nanogpt's fineweb.py
-    proc = run_script("fineweb.py", "--dataset", path, "--out_dir", out, "--shard_size", 500)
-    assert_one_line_error(proc, f"already holds {len(before)} edufineweb shards that this script did not record")
+    msg = main_error(fineweb.main, "--dataset", path, "--out_dir", out, "--shard_size", 500)
+    assert f"already holds {len(before)} edufineweb shards that this script did not record" in msg
     assert shard_files(out) == before
-    proc = run_script("fineweb.py", "--dataset", path, "--out_dir", out, "--shard_size", 100000, "--overwrite")
-    assert proc.returncode == 0, proc.stderr
+    fineweb.main(["--dataset", str(path), "--out_dir", str(out), "--shard_size", "100000", "--overwrite"])
     assert [name for name, _ in shard_files(out)] == ["edufineweb_val_000000.npy"]
-    assert "only the val shard was written" in proc.stdout
+    assert "only the val shard was written" in capsys.readouterr().out
 
 
 NOVELS = os.path.join(os.path.dirname(REPO), "shared", "data", "novels", "english_novels_95.jsonl.xz")
@@ -289,12 +289,12 @@ def test_every_kill_point_reruns_cleanly_and_a_lost_shard_is_found(tmp_path, doc
     assert shard_files(out) == reference
     # a finished folder that lost a shard, or had one changed, is not "complete"
     os.remove(out / reference[2][0])
-    proc = run_script("fineweb.py", *argv, "--out_dir", out)
-    assert_one_line_error(proc, f"{reference[2][0]}, which this script wrote, is gone", "--overwrite")
+    msg = main_error(fineweb.main, *argv, "--out_dir", out)
+    assert f"{reference[2][0]}, which this script wrote, is gone" in msg and "--overwrite" in msg
     (out / reference[2][0]).write_bytes(reference[3][1])
-    assert_one_line_error(run_script("fineweb.py", *argv, "--out_dir", out), "is changed")
+    assert "is changed" in main_error(fineweb.main, *argv, "--out_dir", out)
     (out / "edufineweb_progress.json").write_text('{"fingerprint": ')
-    assert_one_line_error(run_script("fineweb.py", *argv, "--out_dir", out), "progress.json is damaged")
+    assert "progress.json is damaged" in main_error(fineweb.main, *argv, "--out_dir", out)
 
 
 def test_bad_documents_and_an_empty_corpus_are_one_line_errors(tmp_path, enc):

@@ -18,7 +18,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, TINY_MODEL, read_log, run, write_shards
+from conftest import REPO, TINY_MODEL, read_log, run, shards_once
 from test_resume import kill9, log_bytes, logged, start, wait_until
 
 import train_gpt2
@@ -31,11 +31,8 @@ TOLERANCE = 1e-4  # train and val losses, FSDP against DDP and across world size
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("fsdp") / "data")
-    write_shards(root, [5 * 256 + 1, 3 * 256 + 1, 4 * 256 + 1])
-    write_shards(root, [2 * 256 + 1], split="val", first_index=0)
-    return root
+def data(build_once):
+    return shards_once(build_once, "fsdp_data", [5 * 256 + 1, 3 * 256 + 1, 4 * 256 + 1], [2 * 256 + 1])
 
 
 def train_args(data, log_dir, *extra):
@@ -67,19 +64,32 @@ def assert_close(log_dir, reference, steps=None):
         assert worst <= (0 if kind == "hella" else TOLERANCE), (kind, worst)
 
 
-@pytest.fixture(scope="module")
-def runs(data, tmp_path_factory, hellaswag_dir):
-    """DDP and FSDP at two ranks: plain (with samples); with accumulation, clipping at 0.3 and --recompute; and
-    under bf16 autocast."""
-    configs = {"plain": ["--sample"], "accumulate": ["-B", "2", "--grad_clip", "0.3", "--recompute"],
+class Runs(dict):
+    """runs[name, mode] -> (log dir, stdout) of DDP or FSDP at two ranks: plain (with samples); with accumulation,
+    clipping at 0.3 and --recompute; and under bf16 autocast. Each run made once in the test run, when first
+    asked for."""
+    CONFIGS = {"plain": ["--sample"], "accumulate": ["-B", "2", "--grad_clip", "0.3", "--recompute"],
                "bf16": ["--dtype", "bf16", "--no-hellaswag"]}
-    out = {}
-    for name, extra in configs.items():
-        for mode in ("ddp", "fsdp"):
-            log_dir = str(tmp_path_factory.mktemp(f"{name}_{mode}") / "log")
-            stdout = finish(train_args(data, log_dir, *extra, *(["--fsdp"] if mode == "fsdp" else [])))
-            out[name, mode] = log_dir, stdout
-    return out
+
+    def __init__(self, data, build_once):
+        super().__init__()
+        self.data, self.build_once = data, build_once
+
+    def __missing__(self, key):
+        name, mode = key
+
+        def make(root):
+            log_dir = str(root / "log")
+            extra = [*self.CONFIGS[name], *(["--fsdp"] if mode == "fsdp" else [])]
+            return log_dir, finish(train_args(self.data, log_dir, *extra))
+
+        self[key] = tuple(self.build_once(f"fsdp_{name}_{mode}", make))
+        return self[key]
+
+
+@pytest.fixture(scope="module")
+def runs(data, build_once, hellaswag_dir):
+    return Runs(data, build_once)
 
 
 @pytest.mark.parametrize("name", ["plain", "accumulate"])
@@ -182,17 +192,6 @@ def test_fsdp_refusals_are_one_line(data, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train_gpt2.main(train_args(data, tmp_path / "log", "--fsdp"))
     assert "run it under torchrun" in str(e.value) and not os.path.exists(tmp_path / "log")
-
-
-def test_fsdp_compiled_blocks_stay_static_through_evaluations(data, tmp_path, hellaswag_dir):
-    """--fsdp --compile compiles each block in place: HellaSwag's batches and the samples' KV cache, if they
-    went through those blocks, would recompile them (5 recompilations here before the fix) and leave the
-    training graph dynamic-shape for the rest of the run. Evaluations run eager instead: no recompilation."""
-    proc = run(torchrun(train_args(data, tmp_path / "log", "--fsdp", "--compile", "--sample", "--max_steps", "6",
-                                   "--eval_every", "3"), 1), env={"TORCH_LOGS": "recompiles"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "compile True" in proc.stdout and "HellaSwag accuracy" in proc.stdout and "sample 0:" in proc.stdout
-    assert "Recompiling" not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
 
 
 def test_after_an_evaluation_fsdp_keeps_its_own_reshard_settings(tmp_path):

@@ -21,20 +21,24 @@ TINY = ["--device", "cpu", "--n_layer", "2", "--n_head", "2", "--n_embd", "64", 
 
 
 @pytest.fixture(scope="module")
-def gpu_data(tmp_path_factory, enc):
-    """`GPU_DRY=1 bash benchmarks/gpu.sh prepare`: .gpu/'s contents from ../shared, in a folder of the test's."""
+def gpu_data(build_once, enc):
+    """`GPU_DRY=1 bash benchmarks/gpu.sh prepare`: .gpu/'s contents from ../shared, in a folder of the test run's
+    (made once)."""
     if not os.path.isdir(os.path.join(SHARED, "tinyshakespeare")):
         pytest.skip(f"no {SHARED}/tinyshakespeare")
-    root = tmp_path_factory.mktemp("gpu")
-    env = dict(GPU_DRY="1", GPU_DATA=str(root / "gpu"), OUT=str(root / "prepare_out"))
-    proc = run(["bash", os.path.join(REPO, "benchmarks", "gpu.sh"), "prepare"], env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert sorted(os.listdir(root / "gpu" / "novels"))[-1] == "edufineweb_val_000000.npy"
-    return str(root / "gpu")
+
+    def make(root):
+        env = dict(GPU_DRY="1", GPU_DATA=str(root / "gpu"), OUT=str(root / "prepare_out"))
+        proc = run(["bash", os.path.join(REPO, "benchmarks", "gpu.sh"), "prepare"], env=env, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert sorted(os.listdir(root / "gpu" / "novels"))[-1] == "edufineweb_val_000000.npy"
+        return str(root / "gpu")
+
+    return build_once("gpu_data", make)
 
 
 def dry_stage(gpu_data, out, stage, timeout=540):
-    env = dict(GPU_DRY="1", GPU_DATA=gpu_data, OUT=str(out), TORCHINDUCTOR_CACHE_DIR=str(out / "inductor"))
+    env = dict(GPU_DRY="1", GPU_DATA=gpu_data, OUT=str(out))  # the run's compile cache (conftest), not .gpu/'s
     proc = run(["bash", os.path.join(REPO, "benchmarks", "gpu.sh"), stage], env=env, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout, (out / "summary.txt").read_text()
@@ -72,7 +76,26 @@ def test_gpu_sh_stages_in_dry_mode(gpu_data, tmp_path, stage, wanted):
         assert needle in summary, summary
     if stage == "speed":
         assert "--sdpa_backend cudnn needs a CUDA GPU" in (tmp_path / "speed.log").read_text()
-        assert "| + fused AdamW " in out  # the ladder ran its rungs
+        assert_every_rung_ran((tmp_path / "ladder.log").read_text())
+
+
+def assert_every_rung_ran(ladder):
+    """benchmarks/ladder.py's table: each rung's flags ran (compiled from `+ torch.compile` on, in bf16 on CPU)
+    and its row has the figures; the CUDA kernels' rungs say they were skipped."""
+    rows = [line for line in ladder.splitlines() if line.startswith("| ") and "rung" not in line]
+    names = [row.split("|")[1].strip() for row in rows]
+    assert names == ["fp32", "+ TF32", "+ bf16 autocast", "+ torch.compile", "+ flash attention (SDPA)",
+                     "+ vocab 50304", "+ fused AdamW", "+ prefetch, pinned copies", "+ chunked cross-entropy",
+                     "+ cuDNN attention", "+ compile max-autotune"], ladder
+    for row in rows[:-2]:
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert len(cells) == 6 and "failed" not in row, row
+        assert float(cells[1]) > 0 and int(cells[2].replace(",", "")) > 0 and cells[5].endswith("x")
+    assert rows[0].split("|")[6].strip() == "1.00x"
+    for row in rows[-2:]:  # the kernels CPUs do not have
+        assert row.endswith("| skipped: CUDA only"), row
+    assert re.search(r"^'\+ chunked cross-entropy' against build-nanogpt's configuration \('\+ fused AdamW'\): "
+                     r"[\d.]+x$", ladder, flags=re.M)
 
 
 def test_gpu_sh_eval_and_side_in_dry_mode(gpu_data, tmp_path):
@@ -84,7 +107,7 @@ def test_gpu_sh_eval_and_side_in_dry_mode(gpu_data, tmp_path):
 
 # The GPU commands the docs show, each as it stands there (checked), run with the sizes swapped: torchrun's 8
 # processes become 2 gloo ones, a dataset folder the tiny shards, and the run is a few steps. (The docs' other
-# GPU commands are run elsewhere: `benchmarks/ladder.py -B 64`'s every rung by test_speed.py, the multi-node
+# GPU commands are run elsewhere: `benchmarks/ladder.py -B 64`'s every rung by the speed stage above, the multi-node
 # launch by test_multinode.py, `hellaswag.py -m gpt2`'s scoring by test_hellaswag.py.)
 DOCUMENTED = {
     "torchrun --standalone --nproc_per_node=8 train_gpt2.py --data_dir fineweb-edu-10B": ["README.md"],

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, assert_one_line_error, run, run_script
+from conftest import REPO, main_error, run
 
 import hellaswag
 from machinery.common import UserError, download_file
@@ -134,7 +134,7 @@ def test_evaluate_splits_examples_across_ranks(hellaswag_dir):
 
 
 @pytest.mark.slow
-def test_command_line_scores_transformers_and_checkpoints(tmp_path, hellaswag_dir):
+def test_command_line_scores_transformers_and_checkpoints(tmp_path, hellaswag_dir, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from machinery.checkpoints import atomic_torch_save
@@ -142,31 +142,31 @@ def test_command_line_scores_transformers_and_checkpoints(tmp_path, hellaswag_di
 
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, n_positions=256)).save_pretrained(tmp_path / "hf")
-    proc = run_script("hellaswag.py", "-m", tmp_path / "hf", "-d", "cpu", "--limit", 12)
-    assert proc.returncode == 0, proc.stderr
-    assert f"{tmp_path / 'hf'}: 12 examples | acc " in proc.stdout and "acc_norm 0." in proc.stdout
+    # one process: main() in this one (the same code path, without a fresh interpreter's start-up)
+    capsys.readouterr()
+    hellaswag.main(["-m", str(tmp_path / "hf"), "-d", "cpu", "--limit", "12"])
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'hf'}: 12 examples | acc " in out and "acc_norm 0." in out
 
     model = GPT(GPTConfig(block_size=64, vocab_size=50304, n_layer=1, n_head=2, n_embd=32))
     # what scoring reads of a checkpoint: the weights and the config
     atomic_torch_save({"model": model.state_dict(), "config": vars(model.config), "step": 10},
                       str(tmp_path / "model_00010.pt"))
-    proc = run_script("hellaswag.py", "-m", tmp_path / "model_00010.pt", "--limit", 12)
-    assert proc.returncode == 0, proc.stderr
-    assert "12 examples | acc " in proc.stdout
+    hellaswag.main(["-m", str(tmp_path / "model_00010.pt"), "--limit", "12"])
+    out = capsys.readouterr().out
+    assert "12 examples | acc " in out
     # the tests' file is a stand-in: the result says it does not compare with published ones
-    assert proc.stdout.strip().splitlines()[-1] == f"note: {hellaswag.not_the_real_val_set(hellaswag_dir)}"
-    single = proc.stdout.strip().splitlines()[-2].rsplit(" | ", 1)[0]
+    assert out.strip().splitlines()[-1] == f"note: {hellaswag.not_the_real_val_set(hellaswag_dir)}"
+    single = out.strip().splitlines()[-2].rsplit(" | ", 1)[0]
     # under torchrun the examples are split across ranks and the counts summed
     proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 os.path.join(REPO, "hellaswag.py"), "-m", str(tmp_path / "model_00010.pt"), "--limit", "12"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-2].rsplit(" | ", 1)[0] == single
 
-    proc = run_script("hellaswag.py", "-m", tmp_path / "missing.pt")
-    assert_one_line_error(proc, "missing.pt does not exist")
+    assert "missing.pt does not exist" in main_error(hellaswag.main, "-m", tmp_path / "missing.pt")
     (tmp_path / "bad.pt").write_bytes(b"garbage")
-    proc = run_script("hellaswag.py", "-m", tmp_path / "bad.pt")
-    assert_one_line_error(proc, "bad.pt is not a readable train_gpt2.py checkpoint")
+    assert "bad.pt is not a readable train_gpt2.py checkpoint" in main_error(hellaswag.main, "-m", tmp_path / "bad.pt")
 
 
 def test_each_gpt2_size_names_its_own_baselines(tmp_path):

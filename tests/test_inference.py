@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from conftest import assert_one_line_error, run_script
+from conftest import main_error, run_script
 
 from machinery.checkpoints import atomic_torch_save
 from train_gpt2 import GPT, GPTConfig
@@ -69,16 +69,22 @@ def test_generation_past_block_size_slides_the_window():
 
 
 @pytest.mark.slow
-def test_sample_command(checkpoint, enc):
+def test_sample_command(checkpoint, enc, capsys):
+    import sample
+
     path, _ = checkpoint
     args = ["-m", path, "--prompt", "Once upon a time", "--num_samples", 3, "--max_new_tokens", 12, "--seed", 7]
     first = run_script("sample.py", *args)
     assert first.returncode == 0, first.stderr
     samples = first.stdout.split("--- sample ")[1:]
     assert len(samples) == 3 and all(s.split("\n", 1)[1].startswith("Once upon a time") for s in samples)
-    assert run_script("sample.py", *args).stdout == first.stdout  # seeded
-    assert run_script("sample.py", *args[:-1], 8).stdout != first.stdout
-    assert_one_line_error(run_script("sample.py", "-m", "missing.pt"), "checkpoint missing.pt does not exist")
+    # seeded: main() again, in this process, writes the same texts; another seed, others
+    capsys.readouterr()
+    sample.main([str(a) for a in args])
+    assert capsys.readouterr().out == first.stdout
+    sample.main([str(a) for a in args[:-1]] + ["8"])
+    assert capsys.readouterr().out != first.stdout
+    assert "checkpoint missing.pt does not exist" in main_error(sample.main, "-m", "missing.pt")
 
 
 @pytest.mark.slow
@@ -107,7 +113,9 @@ def test_export_to_transformers_and_back(checkpoint, tmp_path, enc):
     assert tokenizer.encode(text) == enc.encode(text, allowed_special="all")
     assert tokenizer.eos_token_id == 50256
 
-    assert_one_line_error(run_script("export.py", path, out), "is not empty")
+    import export
+
+    assert "is not empty" in main_error(export.main, path, out)
 
 
 def test_sample_defaults_to_the_newest_checkpoint_in_log(checkpoint, tmp_path, capsys):

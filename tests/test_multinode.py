@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, TINY_MODEL, run, write_shards
+from conftest import REPO, TINY_MODEL, run, shards_once
 from test_resume import descendants, log_bytes, logged, wait_until
 
 pytestmark = pytest.mark.slow  # real training processes
@@ -24,11 +24,8 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("multinode") / "data")
-    write_shards(root, [5 * 128 + 1, 3 * 128 + 1, 4 * 128 + 1])
-    write_shards(root, [4 * 128 + 1], split="val", first_index=0)
-    return root
+def data(build_once):
+    return shards_once(build_once, "multinode_data", [5 * 128 + 1, 3 * 128 + 1, 4 * 128 + 1], [4 * 128 + 1])
 
 
 def train_args(data, log_dir, *extra):
@@ -59,12 +56,14 @@ def assert_same_run(log_dir, reference):
 
 
 @pytest.fixture(scope="module")
-def reference(data, tmp_path_factory):
-    """One launcher, two processes."""
-    log_dir = str(tmp_path_factory.mktemp("reference") / "log")
-    proc = run(torchrun("--standalone", "--nproc_per_node=2", *train_args(data, log_dir)))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return log_dir
+def reference(data, build_once):
+    """One launcher, two processes (made once in the test run)."""
+    def make(root):
+        proc = run(torchrun("--standalone", "--nproc_per_node=2", *train_args(data, root / "log")))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return str(root / "log")
+
+    return build_once("multinode_reference", make)
 
 
 def test_two_launchers_as_two_nodes_write_what_one_launcher_writes(data, reference, tmp_path):

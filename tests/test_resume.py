@@ -3,7 +3,9 @@ Exact resume: a run killed at any point (even mid-save) and restarted writes the
 byte for byte on CPU in fp32, as one that was never interrupted. Real processes, real signals.
 """
 
+import contextlib
 import glob
+import io
 import os
 import random
 import shutil
@@ -27,11 +29,13 @@ STEPS = 16
 
 
 @pytest.fixture(scope="module")
-def small_shards(tmp_path_factory, shakespeare_path, enc):
+def small_shards(build_once, shakespeare_path, enc):
     """Tiny Shakespeare in 1,000-token shards: a step of 256 tokens crosses a shard end every 3-4 steps."""
-    out = str(tmp_path_factory.mktemp("small_shards") / "shards")
-    fineweb.main(["--dataset", shakespeare_path, "--out_dir", out, "--shard_size", "1000", "--num_proc", "1"])
-    return out
+    def make(root):
+        fineweb.main(["--dataset", shakespeare_path, "--out_dir", str(root), "--shard_size", "1000", "--num_proc", "1"])
+        return str(root)
+
+    return build_once("small_shards", make)
 
 
 def train_args(data_dir, log_dir, B=4, extra=()):
@@ -103,6 +107,14 @@ def kill9(proc):
 
 
 def finish(args, nproc=1):
+    """Run to the end; its stdout. One process runs in this one (train_gpt2.main, the code path a fresh process
+    runs, without its start-up); more run under torchrun."""
+    if nproc == 1:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
+            train_gpt2.main([str(a) for a in args])
+        assert e.value.code in (0, None), f"{e.value.code}\n{out.getvalue()[-3000:]}"
+        return out.getvalue()
     proc = run(command(args, nproc))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout
@@ -113,15 +125,26 @@ def log_bytes(log_dir):
         return f.read()
 
 
+class References(dict):
+    """references[nproc] -> the log dir of an uninterrupted run of train_args at 1 or 2 processes, made once in
+    the test run when first asked for. Read them; copy one to change it."""
+
+    def __init__(self, shards, build_once):
+        super().__init__()
+        self.shards, self.build_once = shards, build_once
+
+    def __missing__(self, nproc):
+        def make(root):
+            finish(train_args(self.shards, root / "log"), nproc)
+            return str(root / "log")
+
+        self[nproc] = self.build_once(f"resume_reference{nproc}", make)
+        return self[nproc]
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, small_shards, hellaswag_dir):
-    """Uninterrupted runs, 1 and 2 processes: {nproc: log dir}."""
-    refs = {}
-    for nproc in (1, 2):
-        log_dir = str(tmp_path_factory.mktemp(f"reference{nproc}") / "log")
-        finish(train_args(small_shards, log_dir), nproc)
-        refs[nproc] = log_dir
-    return refs
+def reference(small_shards, build_once, hellaswag_dir):
+    return References(small_shards, build_once)
 
 
 def test_kill9_anywhere_then_resume_is_byte_identical(reference, small_shards, tmp_path):

@@ -1,4 +1,5 @@
-"""The speed harness: benchmark mode, the options the ladder switches, and the ladder itself (not timings)."""
+"""The speed harness: benchmark mode and the options the ladder switches (not timings). The ladder itself runs in
+tests/test_gpu_commands.py, as `benchmarks/gpu.sh speed` runs it."""
 
 import json
 import os
@@ -53,9 +54,14 @@ def same_math_run(data_dir, log_dir, *variant):
 
 
 @pytest.fixture(scope="module")
-def base_run(shakespeare_shards, tmp_path_factory):
+def base_run(shakespeare_shards, build_once):
     """The defaults on CPU: SDPA (its flash kernel), per-tensor AdamW, whole-batch loss, prefetching."""
-    return same_math_run(shakespeare_shards, str(tmp_path_factory.mktemp("base") / "log"))
+    def make(root):
+        stdout, _ = same_math_run(shakespeare_shards, str(root / "log"))
+        return stdout, str(root / "log" / "log.txt")
+
+    stdout, log = build_once("speed_base_run", make)
+    return stdout, read_log(log)
 
 
 @pytest.mark.parametrize("variant, banner", [
@@ -103,28 +109,6 @@ def test_freed_memory_stays_for_the_next_step_unless_the_user_set_malloc(base_ru
     assert applied == "True" and int(grown) >= 190, kept.stdout
     applied, grown = default.stdout.split()
     assert applied == "False" and int(grown) < 50, default.stdout
-
-
-def test_ladder_runs_every_rung():
-    """Each rung's flags and the table. torch.compile is a no-op here (TORCH_COMPILE_DISABLE): it would cost
-    8-13 s per compiled rung on CPU, and test_train.py compiles the same model for real."""
-    proc = run([sys.executable, os.path.join(REPO, "benchmarks", "ladder.py"), "--size", "tiny", "--device", "cpu",
-                "--steps", "2", "-B", "1"], env={"TORCH_COMPILE_DISABLE": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "rung" not in line]
-    names = [row.split("|")[1].strip() for row in rows]
-    assert names == ["fp32", "+ TF32", "+ bf16 autocast", "+ torch.compile", "+ flash attention (SDPA)",
-                     "+ vocab 50304", "+ fused AdamW", "+ prefetch, pinned copies", "+ chunked cross-entropy",
-                     "+ cuDNN attention", "+ compile max-autotune"]
-    for row in rows[:-2]:
-        cells = [c.strip() for c in row.split("|")[1:-1]]
-        assert len(cells) == 6 and "failed" not in row, row
-        assert float(cells[1]) > 0 and int(cells[2].replace(",", "")) > 0 and cells[5].endswith("x")
-    assert rows[0].split("|")[6].strip() == "1.00x"
-    for row in rows[-2:]:  # the kernels CPUs do not have
-        assert row.endswith("| skipped: CUDA only"), row
-    assert re.search(r"^'\+ chunked cross-entropy' against build-nanogpt's configuration \('\+ fused AdamW'\): "
-                     r"[\d.]+x$", proc.stdout, flags=re.M)
 
 
 @pytest.mark.parametrize("name, kept", [("flash", {"flash", "math"}), ("math", {"math"}),

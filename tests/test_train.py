@@ -2,26 +2,31 @@
 
 import os
 import re
+import shutil
 import sys
 
 import nbformat
 import pytest
 import torch
-from conftest import REPO, TINY_MODEL, assert_one_line_error, read_log, run, run_script, write_shards
+from conftest import REPO, TINY_MODEL, assert_one_line_error, main_error, read_log, run, run_script, write_shards
 
 import train_gpt2
 
 
 @pytest.fixture(scope="module")
-def shakespeare_run(tmp_path_factory, shakespeare_shards, hellaswag_dir):
-    """40 steps of a tiny GPT on Tiny Shakespeare with gradient accumulation, eval, HellaSwag and samples."""
-    log_dir = str(tmp_path_factory.mktemp("run") / "log")
-    proc = run_script("train_gpt2.py", "--data_dir", shakespeare_shards, "--log_dir", log_dir, *TINY_MODEL,
-                      "-B", 8, "-T", 64, "--total_batch_size", 1024, "--max_steps", 40, "--warmup_steps", 5,
-                      "--max_lr", 3e-3, "--eval_every", 13, "--val_steps", 4, "--hellaswag_limit", 16,
-                      "--checkpoint_every", 20)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return log_dir, proc.stdout
+def shakespeare_run(build_once, shakespeare_shards, hellaswag_dir):
+    """40 steps of a tiny GPT on Tiny Shakespeare with gradient accumulation, eval, HellaSwag and samples: (log
+    dir, stdout), made once in the test run. Read it; copy it to change it."""
+    def make(root):
+        log_dir = str(root / "log")
+        proc = run_script("train_gpt2.py", "--data_dir", shakespeare_shards, "--log_dir", log_dir, *TINY_MODEL,
+                          "-B", 8, "-T", 64, "--total_batch_size", 1024, "--max_steps", 40, "--warmup_steps", 5,
+                          "--max_lr", 3e-3, "--eval_every", 13, "--val_steps", 4, "--hellaswag_limit", 16,
+                          "--checkpoint_every", 20)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return log_dir, proc.stdout
+
+    return tuple(build_once("shakespeare_run", make))
 
 
 @pytest.mark.slow
@@ -61,7 +66,7 @@ def test_checkpoints_hold_model_config_step_and_val_loss(shakespeare_run):
 def test_notebook_runs_on_the_log(shakespeare_run, tmp_path):
     from nbclient import NotebookClient
 
-    log_dir, _ = shakespeare_run
+    log_dir = str(shutil.copytree(shakespeare_run[0], tmp_path / "log"))  # the notebook saves its PNG there
     nb = nbformat.read(os.path.join(REPO, "play.ipynb"), as_version=4)
     first = next(c for c in nb.cells if c.cell_type == "code")
     assert 'log_dir = "log"' in first.source
@@ -78,7 +83,6 @@ def test_notebook_runs_on_the_log(shakespeare_run, tmp_path):
     assert any("image/png" in o.get("data", {}) for o in outputs)
     png = os.path.join(log_dir, "curves.png")
     assert f"saved {png}" in text and open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    os.remove(png)  # the module's other tests list the folder
 
 
 @pytest.mark.slow
@@ -110,19 +114,6 @@ def test_plot_labels_the_run_by_its_own_size_and_hellaswag_sample(shakespeare_ru
         assert saved.x0 * fig.dpi <= legend.x0 and legend.x1 <= saved.x1 * fig.dpi
     # build-nanogpt's logs: no checkpoint
     assert plot_log.describe_run(plot_log.newest_checkpoint(str(tmp_path))) == ("this run", None, None)
-
-
-@pytest.mark.slow
-def test_compile_on_runs_eval_and_sampling(shakespeare_shards, hellaswag_dir, tmp_path):
-    """build-nanogpt had to turn torch.compile off for HellaSwag and sampling; here they run with it on."""
-    proc = run_script("train_gpt2.py", "--data_dir", shakespeare_shards, "--log_dir", tmp_path / "log", *TINY_MODEL,
-                      "-B", 4, "-T", 64, "--total_batch_size", 256, "--max_steps", 3, "--warmup_steps", 1,
-                      "--eval_every", 2, "--val_steps", 2, "--hellaswag_limit", 8, "--compile")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "compile True" in proc.stdout
-    assert proc.stdout.count("HellaSwag accuracy: ") == 2 and "sample 3: Hello, I'm a language model," in proc.stdout
-    ckpt = torch.load(tmp_path / "log" / "model_00002.pt", weights_only=True)
-    assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
 
 
 def tiny_ddp_args(data_dir, log_dir, val_steps):
@@ -360,13 +351,11 @@ def test_wandb_offline_logs_what_log_txt_logs_and_a_resume_goes_on_in_the_same_r
     assert all(f"{row['train/loss']:.6f}" == f"{log['train'][row['_step']]:.6f}" for row in rows if "train/loss" in row)
 
 
-def test_wandb_missing_is_one_line_naming_the_install(shakespeare_shards, tmp_path):
-    flags = [str(a) for a in ["--data_dir", shakespeare_shards, "--log_dir", tmp_path / "log", *TINY_MODEL, "-B", 2,
-                              "-T", 32, "--wandb", "--no-hellaswag"]]
-    code = ("import sys; sys.modules['wandb'] = None; import train_gpt2; "  # as if wandb were not installed
-            f"train_gpt2.main({flags})")
-    proc = run([sys.executable, "-c", code], cwd=REPO)
-    assert_one_line_error(proc, "--wandb needs Weights & Biases", "pip install wandb")
+def test_wandb_missing_is_one_line_naming_the_install(shakespeare_shards, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if wandb were not installed: `import wandb` fails
+    msg = main_error(train_gpt2.main, "--data_dir", shakespeare_shards, "--log_dir", tmp_path / "log", *TINY_MODEL,
+                     "-B", 2, "-T", 32, "--wandb", "--no-hellaswag")
+    assert "--wandb needs Weights & Biases" in msg and "pip install wandb" in msg
     assert not os.path.exists(tmp_path / "log")
 
 
