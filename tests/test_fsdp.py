@@ -18,7 +18,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, TINY_MODEL, read_log, run, shards_once
+from conftest import REPO, TINY_MODEL, main_output, read_log, run, shards_once
 from test_resume import kill9, log_bytes, logged, start, wait_until
 
 import train_gpt2
@@ -162,9 +162,7 @@ def test_sharded_checkpoints_reshard_and_cross_over_to_ddp(data, runs, tmp_path)
     finish(train_args(data, tmp_path / "to2", "--fsdp", "--resume", tmp_path / "to1" / "ckpt_00008"))
     assert_close(tmp_path / "to2", fsdp, steps=8)
 
-    proc = run([sys.executable, os.path.join(REPO, "train_gpt2.py"),
-                *train_args(data, tmp_path / "plain", "--resume", os.path.join(fsdp, "ckpt_00008"))])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    main_output(train_gpt2.main, *train_args(data, tmp_path / "plain", "--resume", os.path.join(fsdp, "ckpt_00008")))
     assert_close(tmp_path / "plain", fsdp, steps=8)
 
     finish(train_args(data, tmp_path / "from_ddp", "--fsdp", "--resume", os.path.join(ddp, "ckpt_00008.pt")))

@@ -11,8 +11,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, run_script
+from conftest import REPO, main_output
 
+import train_gpt2
 from machinery.checkpoints import load_checkpoint
 from train_gpt2 import GPT
 
@@ -161,9 +162,8 @@ def test_checkpoint_from_before_the_split_resumes(fixture, tmp_path):
     shutil.copy(os.path.join(FIXTURES, f"{fixture}_ckpt_00006.pt"), log_dir / "ckpt_00006.pt")
     with open(os.path.join(FIXTURES, f"{fixture}_log.txt")) as f:  # as if killed during step 8
         (log_dir / "log.txt").write_text("".join(line for line in f if int(line.split()[0]) < 8))
-    proc = run_script("train_gpt2.py", "--data_dir", data, "--log_dir", log_dir, *OLD_LAYOUT_RUN, *flags)
-    assert proc.returncode == 0, proc.stderr
-    assert "resuming at step 6" in proc.stdout
+    out = main_output(train_gpt2.main, "--data_dir", data, "--log_dir", log_dir, *OLD_LAYOUT_RUN, *flags)
+    assert "resuming at step 6" in out
 
     def rows(path):
         with open(path) as f:

@@ -3,9 +3,7 @@ Exact resume: a run killed at any point (even mid-save) and restarted writes the
 byte for byte on CPU in fp32, as one that was never interrupted. Real processes, real signals.
 """
 
-import contextlib
 import glob
-import io
 import os
 import random
 import shutil
@@ -17,7 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, TINY_MODEL, read_log, run
+from conftest import REPO, TINY_MODEL, main_output, read_log, run
 
 from machinery import checkpoints
 import fineweb
@@ -110,11 +108,7 @@ def finish(args, nproc=1):
     """Run to the end; its stdout. One process runs in this one (train_gpt2.main, the code path a fresh process
     runs, without its start-up); more run under torchrun."""
     if nproc == 1:
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as e:
-            train_gpt2.main([str(a) for a in args])
-        assert e.value.code in (0, None), f"{e.value.code}\n{out.getvalue()[-3000:]}"
-        return out.getvalue()
+        return main_output(train_gpt2.main, *args)
     proc = run(command(args, nproc))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout

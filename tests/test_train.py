@@ -8,7 +8,8 @@ import sys
 import nbformat
 import pytest
 import torch
-from conftest import REPO, TINY_MODEL, assert_one_line_error, main_error, read_log, run, run_script, write_shards
+from conftest import REPO, TINY_MODEL, assert_one_line_error, main_error, main_output, read_log, run, run_script, \
+    write_shards
 
 import train_gpt2
 
@@ -135,9 +136,8 @@ def test_two_process_torchrun_equals_one_process_with_double_accumulation(tmp_pa
     assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-3000:]
     assert "processes 2" in ddp.stdout and "x 2 processes x 2 accumulation steps" in ddp.stdout
     # --val_steps counts batches per process: 2 ranks x 2 batches are the same val tokens as 1 x 4
-    single = run_script("train_gpt2.py", *tiny_ddp_args(data, tmp_path / "single", 4))
-    assert single.returncode == 0, single.stderr[-3000:]
-    assert "x 1 processes x 4 accumulation steps" in single.stdout
+    single = main_output(train_gpt2.main, *tiny_ddp_args(data, tmp_path / "single", 4))  # in this process
+    assert "x 1 processes x 4 accumulation steps" in single
 
     a, b = read_log(tmp_path / "ddp" / "log.txt"), read_log(tmp_path / "single" / "log.txt")
     assert sorted(a["train"]) == sorted(b["train"]) == list(range(8))
@@ -279,8 +279,8 @@ def test_first_try_preset_reports_eta_and_summary_then_a_rerun_is_complete(shake
     assert f"val loss {log['val'][3]:.4f} | HellaSwag {log['hella'][3]:.4f}" in summary
     assert torch.load(tmp_path / "log" / "model_00003.pt", weights_only=True)["step"] == 3  # what it records
     before = open(tmp_path / "log" / "log.txt").read()
-    again = run_script("train_gpt2.py", *args)
-    assert again.returncode == 0 and "holds a complete run" in again.stdout and "nothing to do" in again.stdout
+    again = main_output(train_gpt2.main, *args)  # in this process
+    assert "holds a complete run" in again and "nothing to do" in again
     assert open(tmp_path / "log" / "log.txt").read() == before
 
 

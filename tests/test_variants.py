@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, TINY_MODEL, read_log, run, write_shards
+from conftest import REPO, TINY_MODEL, main_output, read_log, run, write_shards
 from test_resume import finish, kill9, log_bytes, logged, start, wait_until
 
 import hellaswag
@@ -328,10 +328,8 @@ def test_two_processes_equal_one_with_double_accumulation(recipe, tmp_path):
                os.path.join(REPO, "train_gpt2.py"), *map(str, ddp_args(data, tmp_path / "ddp", recipe, 2))])
     assert "val loss over the first 512 val tokens" in ddp.stdout and "x 2 processes x 2 accumulation" in ddp.stdout
     assert ddp.returncode == 0, ddp.stdout[-2000:] + ddp.stderr[-3000:]
-    single = run([sys.executable, os.path.join(REPO, "train_gpt2.py"),
-                  *map(str, ddp_args(data, tmp_path / "single", recipe, 4))])
-    assert "x 1 processes x 2 accumulation" in single.stdout
-    assert single.returncode == 0, single.stderr[-3000:]
+    single = main_output(train_gpt2.main, *ddp_args(data, tmp_path / "single", recipe, 4))  # in this process
+    assert "x 1 processes x 2 accumulation" in single
     a, b = read_log(tmp_path / "ddp" / "log.txt"), read_log(tmp_path / "single" / "log.txt")
     assert sorted(a["train"]) == sorted(b["train"]) == list(range(8))
     for kind in ("train", "val"):
