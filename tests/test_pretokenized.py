@@ -10,8 +10,10 @@ import time
 
 import numpy as np
 import pytest
-from conftest import REPO, TINY_MODEL, assert_one_line_error, run, run_script
+from conftest import REPO, TINY_MODEL, assert_one_line_error, main_output, run, run_script
 from hub_server import HubServer, write_bin_shard
+
+import train_gpt2
 
 pytestmark = pytest.mark.slow  # real servers and processes: left out of `pytest -m "not slow"`
 
@@ -70,11 +72,10 @@ def test_download_is_byte_identical_and_trains(hub, tmp_path):
     again = fetch(hub, out, "--num_shards", 2)
     assert again.returncode == 0 and "nothing to fetch" in again.stdout, again.stderr
     assert not [r for r in hub.requests[n:] if "/resolve/" in r[1]]
-    train = run_script("train_gpt2.py", "--data_dir", out, "--log_dir", tmp_path / "log", *TINY_MODEL, "-B", 4,
-                       "-T", 32, "--total_batch_size", 128, "--max_steps", 3, "--warmup_steps", 1, "--eval_every", 2,
-                       "--val_steps", 1, "--no-hellaswag", "--no-sample")
-    assert train.returncode == 0, train.stderr
-    assert "train shards 2, val shards 1" in train.stdout
+    train = main_output(train_gpt2.main, "--data_dir", out, "--log_dir", tmp_path / "log", *TINY_MODEL, "-B", 4,
+                        "-T", 32, "--total_batch_size", 128, "--max_steps", 3, "--warmup_steps", 1, "--eval_every",
+                        2, "--val_steps", 1, "--no-hellaswag", "--no-sample")
+    assert "train shards 2, val shards 1" in train
 
 
 def test_preset_names_map_to_the_datasets_they_name(tmp_path):

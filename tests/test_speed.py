@@ -10,8 +10,9 @@ import sys
 import pytest
 import torch
 from torch.nn.attention import SDPBackend
-from conftest import REPO, TINY_MODEL, read_log, run, run_script
+from conftest import REPO, TINY_MODEL, main_output, read_log, run, run_script
 
+import train_gpt2
 from machinery import speed
 
 pytestmark = pytest.mark.slow  # real training processes: left out of `pytest -m "not slow"`
@@ -46,11 +47,11 @@ def test_benchmark_mode_summarises_and_writes_nothing(tmp_path):
 
 
 def same_math_run(data_dir, log_dir, *variant):
-    proc = run_script("train_gpt2.py", "--data_dir", data_dir, "--log_dir", log_dir, *TINY_MODEL, "-B", 4, "-T", 64,
-                      "--total_batch_size", 512, "--max_steps", 12, "--warmup_steps", 2, "--max_lr", 3e-3,
-                      "--eval_every", 6, "--val_steps", 2, "--no-hellaswag", "--no-sample", *variant)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout, read_log(os.path.join(log_dir, "log.txt"))
+    """In this process: each run sets its own kernels (an --sdpa_backend choice is undone by the next run's)."""
+    stdout = main_output(train_gpt2.main, "--data_dir", data_dir, "--log_dir", log_dir, *TINY_MODEL, "-B", 4,
+                         "-T", 64, "--total_batch_size", 512, "--max_steps", 12, "--warmup_steps", 2, "--max_lr",
+                         3e-3, "--eval_every", 6, "--val_steps", 2, "--no-hellaswag", "--no-sample", *variant)
+    return stdout, read_log(os.path.join(log_dir, "log.txt"))
 
 
 @pytest.fixture(scope="module")
