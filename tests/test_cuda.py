@@ -27,7 +27,7 @@ CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reas
 # the CPU half runs bf16 autocast and compile as the GPU does, in the suite's slow part
 DEVICES = [pytest.param("cpu", marks=pytest.mark.slow), pytest.param("cuda", marks=CUDA)]
 
-STEPS = 20
+STEPS = 12
 
 
 def device_flags(device):
@@ -109,8 +109,8 @@ def test_kv_cache_in_bf16(device):
 
 @pytest.fixture(scope="module")
 def cuda_shards(build_once):
-    """Shards that cycle through 64 token ids: a pattern a 2-layer GPT learns within 20 steps (the val loss from
-    10.85 to 7.17 on CPU at the CPU half's sizes). (Shards of ever-new ids, (1000 * shard + j) % 50000, taught
+    """Shards that cycle through 64 token ids: a pattern a 2-layer GPT learns within 12 steps (the val loss from
+    10.85 to 8.50 on CPU at the CPU half's sizes). (Shards of ever-new ids, (1000 * shard + j) % 50000, taught
     it nearly nothing in 20 steps: 10.84 to 10.77.)"""
     def make(root):
         os.makedirs(root)
@@ -127,8 +127,8 @@ def train_args(device, data_dir, log_dir, *extra):
     sizes = ["-B", 8, "-T", 64, "--total_batch_size", 1024, "--hellaswag_limit", 40] if device == "cuda" else \
         ["-B", 2, "-T", 32, "--total_batch_size", 128, "--hellaswag_limit", 8]
     return [os.path.join(REPO, "train_gpt2.py"), "--data_dir", data_dir, "--log_dir", log_dir, *TINY_MODEL, *sizes,
-            "--max_steps", STEPS, "--warmup_steps", 2, "--max_lr", 3e-3, "--eval_every", 10, "--val_steps", 2,
-            "--save_every", 5, "--checkpoint_every", 10, *device_flags(device), *extra]
+            "--max_steps", STEPS, "--warmup_steps", 2, "--max_lr", 3e-3, "--eval_every", 6, "--val_steps", 2,
+            "--save_every", 4, "--checkpoint_every", 6, *device_flags(device), *extra]
 
 
 def python(args):
@@ -153,8 +153,8 @@ def trained(request, build_once, cuda_shards, hellaswag_dir):
 
 
 def test_default_path_trains_evaluates_and_samples(trained):
-    """It learns: the val loss falls at every evaluation, by 1.0 in all (on CPU, bf16 and compiled: 10.85, 8.17,
-    7.17; the test once wanted that on data a 2-layer model cannot learn so fast, and could pass nowhere)."""
+    """It learns: the val loss falls at every evaluation, by 1.0 in all (on CPU, bf16 and compiled: 10.85, 9.09,
+    8.50; the test once wanted that on data a 2-layer model cannot learn so fast, and could pass nowhere)."""
     device, log_dir, out = trained
     assert f"device {'cuda:0' if device == 'cuda' else 'cpu'} | dtype bf16 | compile True (default)" in out
     assert ("fused AdamW True" in out) == (device == "cuda")
@@ -164,8 +164,8 @@ def test_default_path_trains_evaluates_and_samples(trained):
     ckpt = torch.load(os.path.join(log_dir, f"model_{STEPS - 1:05d}.pt"), weights_only=True)
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
     log = read_log(os.path.join(log_dir, "log.txt"))
-    assert sorted(log["val"]) == [0, 10, STEPS - 1] and sorted(log["hella"]) == [0, 10, STEPS - 1]
-    assert log["val"][0] > log["val"][10] > log["val"][STEPS - 1]
+    assert sorted(log["val"]) == [0, 6, STEPS - 1] and sorted(log["hella"]) == [0, 6, STEPS - 1]
+    assert log["val"][0] > log["val"][6] > log["val"][STEPS - 1]
     assert log["val"][STEPS - 1] < log["val"][0] - 1.0
 
 
@@ -198,13 +198,6 @@ def test_preflight_passes_and_writes_nowhere(trained, cuda_shards, tmp_path):
     assert not [n for n in os.listdir(tmp_path / "tmp") if n.startswith("train_gpt2-preflight-")]
 
 
-def test_torchrun_one_process(trained, cuda_shards, tmp_path):
-    """NCCL on a GPU, gloo on CPU."""
-    proc = run(torchrun(train_args(trained[0], cuda_shards, tmp_path / "log", "--max_steps", 6)))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "processes 1" in proc.stdout and len(read_log(tmp_path / "log" / "log.txt")["train"]) == 6
-
-
 def test_fsdp_on_one_device_trains_like_the_default_path_and_resumes(trained, cuda_shards, tmp_path):
     """--fsdp --recompute under torchrun on one device: DDP's precision (fp32 weights, bf16 autocast),
     compiled blocks (fused AdamW on CUDA); its losses near the default path's (bf16: 0.05), then its sharded
@@ -217,7 +210,9 @@ def test_fsdp_on_one_device_trains_like_the_default_path_and_resumes(trained, cu
     def command(log_dir, *extra):
         return torchrun(train_args(device, cuda_shards, log_dir, "--fsdp", "--recompute", *extra))
 
-    proc = run(command(log_dir), env={"TORCH_LOGS": "recompiles"})
+    # (conftest's one-file C++ wrapper cannot lower --recompute's saved RNG state: inductor's own wrapper here)
+    wrapper = {"TORCHINDUCTOR_CPP_WRAPPER": "0"}
+    proc = run(command(log_dir), env={"TORCH_LOGS": "recompiles", **wrapper})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "processes 1 (FSDP: sharded) | recompute" in proc.stdout
     assert "HellaSwag accuracy" in proc.stdout and "sample 0:" in proc.stdout
@@ -226,14 +221,15 @@ def test_fsdp_on_one_device_trains_like_the_default_path_and_resumes(trained, cu
     got, want = read_log(log_dir / "log.txt"), read_log(os.path.join(reference, "log.txt"))
     for step, value in want["train"].items():
         assert got["train"][step] == pytest.approx(value, abs=0.05), step
-    assert sorted(os.listdir(log_dir / "ckpt_00015")) == [".metadata", "__0_0.distcp", "state.pt"]
-    again = run(command(tmp_path / "again", "--resume", log_dir / "ckpt_00015"))
-    assert again.returncode == 0 and "resuming at step 15" in again.stdout, again.stderr[-3000:]
+    assert sorted(os.listdir(log_dir / "ckpt_00008")) == [".metadata", "__0_0.distcp", "state.pt"]
+    again = run(command(tmp_path / "again", "--resume", log_dir / "ckpt_00008"), env=wrapper)
+    assert again.returncode == 0 and "resuming at step 8" in again.stdout, again.stderr[-3000:]
 
 
 def test_sigterm_then_resume_continues_the_run(trained, cuda_shards, tmp_path):
     """Losses after the resume equal the uninterrupted run's to 0.02 (bf16 and compiled kernels need not be
-    bitwise repeatable); the data position is exact, and on a GPU its RNG state is saved."""
+    bitwise repeatable); the data position is exact, and on a GPU its RNG state is saved. The resume runs
+    under torchrun, one process: NCCL on a GPU, gloo on CPU."""
     device, reference, _ = trained
     log_dir = str(tmp_path / "log")
     args = python(train_args(device, cuda_shards, log_dir))
@@ -241,18 +237,19 @@ def test_sigterm_then_resume_continues_the_run(trained, cuda_shards, tmp_path):
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     log_file = os.path.join(log_dir, "log.txt")
     deadline = time.time() + 300
-    while not (os.path.exists(log_file) and any(line.startswith("12 train") for line in open(log_file))):
+    while not (os.path.exists(log_file) and any(line.startswith("6 train") for line in open(log_file))):
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
-    resumed = run(args)
+    resumed = run(torchrun(train_args(device, cuda_shards, log_dir)))
     assert resumed.returncode == 0 and "resuming at step" in resumed.stdout, resumed.stderr[-3000:]
+    assert "processes 1" in resumed.stdout
     got, want = read_log(log_file), read_log(os.path.join(reference, "log.txt"))
     assert {k: sorted(v) for k, v in got.items()} == {k: sorted(v) for k, v in want.items()}
     for step, value in want["train"].items():
         assert got["train"][step] == pytest.approx(value, abs=0.02), step
-    ours, theirs = (torch.load(os.path.join(d, "ckpt_00015.pt"), weights_only=True) for d in (log_dir, reference))
+    ours, theirs = (torch.load(os.path.join(d, "ckpt_00008.pt"), weights_only=True) for d in (log_dir, reference))
     assert ours["data"] == theirs["data"] and ("cuda" in ours["rng"]) == (device == "cuda")
 
 
