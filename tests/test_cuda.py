@@ -232,8 +232,8 @@ def test_sigterm_then_resume_continues_the_run(trained, cuda_shards, tmp_path):
     under torchrun, one process: NCCL on a GPU, gloo on CPU."""
     device, reference, _ = trained
     log_dir = str(tmp_path / "log")
-    args = python(train_args(device, cuda_shards, log_dir))
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    args = train_args(device, cuda_shards, log_dir)
+    proc = subprocess.Popen(python(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     log_file = os.path.join(log_dir, "log.txt")
     deadline = time.time() + 300
@@ -242,7 +242,7 @@ def test_sigterm_then_resume_continues_the_run(trained, cuda_shards, tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
-    resumed = run(torchrun(train_args(device, cuda_shards, log_dir)))
+    resumed = run(torchrun(args))
     assert resumed.returncode == 0 and "resuming at step" in resumed.stdout, resumed.stderr[-3000:]
     assert "processes 1" in resumed.stdout
     got, want = read_log(log_file), read_log(os.path.join(reference, "log.txt"))
