@@ -158,10 +158,14 @@ def scored_position_losses(model, tokens, mask):
 # HellaSwag is build-nanogpt's figure too), its val loss on FineWeb-Edu where build-nanogpt measured one
 # (124M), and the GPT-3 paper's HellaSwag for the nearest GPT-3 size
 GPT2_SIZES = {
-    (12, 768): dict(name="124M", hella=0.294463, fineweb_edu=3.2924, fineweb=3.424958, gpt3=("Small, 125M", 0.337)),
-    (24, 1024): dict(name="355M", hella=0.375224, fineweb_edu=None, fineweb=3.083089, gpt3=("Medium, 350M", 0.436)),
-    (36, 1280): dict(name="774M", hella=0.431986, fineweb_edu=None, fineweb=3.000580, gpt3=("Large, 760M", 0.510)),
-    (48, 1600): dict(name="1558M", hella=0.488946, fineweb_edu=None, fineweb=2.831273, gpt3=("XL, 1.3B", 0.547)),
+    (12, 768): dict(name="124M", hella=0.294463, fineweb_edu=3.2924, fineweb=3.424958, gpt3=("Small, 125M", 0.337),
+                    core=0.1139),
+    (24, 1024): dict(name="355M", hella=0.375224, fineweb_edu=None, fineweb=3.083089, gpt3=("Medium, 350M", 0.436),
+                     core=0.1849),
+    (36, 1280): dict(name="774M", hella=0.431986, fineweb_edu=None, fineweb=3.000580, gpt3=("Large, 760M", 0.510),
+                     core=0.2146),
+    (48, 1600): dict(name="1558M", hella=0.488946, fineweb_edu=None, fineweb=2.831273, gpt3=("XL, 1.3B", 0.547),
+                     core=0.256525),
 }
 VAL_EXAMPLES = 10042  # in HellaSwag's val split
 
@@ -298,14 +302,7 @@ def main(argv=None):
         p.error("--batch_tokens must be >= 0 and --limit positive")
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     try:
-        # under torchrun each rank scores on its own GPU, as train_gpt2.py's ranks train
-        device_type = runtime.check_device_type(args.device)
-        device = runtime.process_device(args.device, device_type, int(os.environ.get("LOCAL_RANK", 0)),
-                                        world_size > 1)
-        if device_type == "cuda":
-            torch.cuda.set_device(device)
-        dtype = args.dtype or ("bf16" if runtime.bf16_supported(device_type) else "fp32")
-        autocast_ctx = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bf16" else None
+        device, autocast_ctx = runtime.scoring_device(args.device, args.dtype)
         for _ in iterate_examples(args.split, args.cache_dir):  # the data first: quicker to find missing or damaged
             pass
         model = load_model(args.model, device, args.compile)

@@ -1,6 +1,7 @@
 """
 Plot a run's log.txt: train and val loss, and HellaSwag accuracy against OpenAI's GPT-2 124M and GPT-3
-Small (125M). play.ipynb draws the same figure; this makes it without Jupyter.
+Small (125M); and CORE against GPT-2's when the run logged it (train_gpt2.py --core_every). play.ipynb draws
+the same figure; this makes it without Jupyter.
 
     python plot_log.py               # log/log.txt -> log/curves.png
     python plot_log.py path/to/log   # any run's folder (build-nanogpt's logs too)
@@ -97,7 +98,9 @@ def plot(log_dir, out=None):
         points = sorted(streams.get(kind, {}).items())
         return [s for s, _ in points], [v for _, v in points]
 
-    fig, (ax_loss, ax_hella) = plt.subplots(1, 2, figsize=(16, 6))
+    has_core = "core" in streams  # train_gpt2.py --core_every's lines: a third plot
+    fig, axes = plt.subplots(1, 3 if has_core else 2, figsize=(24 if has_core else 16, 6))
+    ax_loss, ax_hella = axes[:2]
     ax_loss.plot(*xy("train"), label=f"{label}: train loss", alpha=0.7)
     ax_loss.plot(*xy("val"), label=f"{label}: val loss")
     # GPT-2's val loss is known on FineWeb-Edu's val shard (124M) and FineWeb's (every size): on other data the
@@ -123,12 +126,22 @@ def plot(log_dir, out=None):
     ax_hella.axhline(gpt3_hella, color="g", linestyle="--", label=f"OpenAI GPT-3 {gpt3} (paper)")
     ax_hella.axhline(CHANCE, color="gray", linestyle=":", label="chance (1 in 4)")
     ax_hella.set(xlabel="step", ylabel="acc_norm", title="HellaSwag")
-    for ax in (ax_loss, ax_hella):  # under each plot, not over its curves and reference lines, and inside the image
+    if has_core:
+        draw_core(axes[2], *xy("core"), label, size)
+    for ax in axes:  # under each plot, not over its curves and reference lines, and inside the image
         ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), fontsize="small")
     fig.tight_layout()
     path = out or os.path.join(log_dir, "curves.png")
     fig.savefig(path, dpi=80, bbox_inches="tight")
     return fig, path
+
+
+def draw_core(ax, steps, scores, label, size):
+    """CORE (core.py, nanochat's 22 tasks) against OpenAI's GPT-2 of the run's size, as nanochat measured it."""
+    ax.plot(steps, scores, marker="o", label=f"{label}: CORE")
+    ax.axhline(size["core"], color="r", linestyle="--", label=f"OpenAI GPT-2 {size['name']} (nanochat's measurement)")
+    ax.axhline(0.0, color="gray", linestyle=":", label="chance (0: CORE is centred on it)")
+    ax.set(xlabel="step", ylabel="centred accuracy", title="CORE")
 
 
 def main(argv=None):

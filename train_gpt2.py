@@ -33,6 +33,7 @@ import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import core
 import hellaswag
 import variants
 from machinery import checkpoints, common, hf_convert, preflight, runtime, sharding, speed
@@ -571,6 +572,8 @@ def train_loop(run, stop_signals):
         # --- evaluate: at step 0, every eval_every steps and at the last step (before its update)
         if not stop and not args.benchmark and (step % args.eval_every == 0 or last_step):
             evaluate(run, step)
+        if not stop and args.core_every and step > 0 and (step % args.core_every == 0 or last_step):
+            evaluate_core(run, step)  # opt-in: nanochat's CORE (core.py)
         # --- the checkpointer writes what is due at this step; after a stop signal, that is where the run ends
         saved = run.checkpointer.save(step, run.val_loss, last_step=last_step, stop=stop, timed=timed)
         if stop:
@@ -629,17 +632,24 @@ def train_step(run, step, stop_signals):
 def evaluate(run, step):
     """Val loss, HellaSwag accuracy and (after step 0) samples; rank 0 prints and logs them."""
     args = run.args
-    run.model.eval()
-    # --fsdp compiles its blocks in place: evaluation's other shapes would recompile them, and make the training
-    # graph dynamic-shape for the rest of the run, so there they run eager (elsewhere the model trains compiled
-    # and evaluates through its own graphs)
-    eager = torch.compiler.set_stance("force_eager") if args.fsdp else contextlib.nullcontext()
-    with sharding.gathered(run.raw_model), eager:  # --fsdp: every rank holds the whole model (else nothing)
+    with evaluation_mode(run):
         evaluate_val_loss(run, step)
         if args.hellaswag:
             evaluate_hellaswag(run, step)
         if args.sample and run.compute.master and step > 0:
             print_samples(run)
+
+
+@contextlib.contextmanager
+def evaluation_mode(run):
+    """The model in eval mode for what the block does, and in train mode again after."""
+    run.model.eval()
+    # --fsdp compiles its blocks in place: evaluation's other shapes would recompile them, and make the training
+    # graph dynamic-shape for the rest of the run, so there they run eager (elsewhere the model trains compiled
+    # and evaluates through its own graphs)
+    eager = torch.compiler.set_stance("force_eager") if run.args.fsdp else contextlib.nullcontext()
+    with sharding.gathered(run.raw_model), eager:  # --fsdp: every rank holds the whole model (else nothing)
+        yield
     run.model.train()
 
 
@@ -655,6 +665,13 @@ def evaluate_val_loss(run, step):
     run.metrics(step, **{"val/loss": run.val_loss})
     compute.print0(f"validation loss: {run.val_loss:.4f}")
     run.log(f"{step} val {run.val_loss:.4f}")
+    if run.val_bytes_per_token is None:  # once: the same val tokens at every evaluation
+        run.val_bytes_per_token = 0.0 if args.synthetic else \
+            val_bytes_per_token(run.val_batches, args.val_steps, run.val_tokens, compute, args.vocab_size)
+    if run.val_bytes_per_token:  # beside the loss, not in log.txt: the log keeps build-nanogpt's format
+        bpb = run.val_loss / (math.log(2) * run.val_bytes_per_token)
+        run.metrics(step, **{"val/bpb": bpb})
+        compute.print0(f"validation bits per byte: {bpb:.4f}")
 
 
 def evaluate_hellaswag(run, step):
@@ -671,6 +688,42 @@ def evaluate_hellaswag(run, step):
     run.metrics(step, **{"hellaswag/acc_norm": run.hella})
     compute.print0(f"HellaSwag accuracy: {correct}/{total}={correct / total:.4f}")
     run.log(f"{step} hella {correct / total:.4f}")
+
+
+def evaluate_core(run, step):
+    """--core_every: CORE on --core_max_per_task items of each task (nanochat's way while training), each rank
+    scoring its share; the counts are summed."""
+    args, compute = run.args, run.compute
+    with evaluation_mode(run):
+        scores = core.evaluate(run.hella_model, compute.device, *run.core_bundle, args.core_max_per_task,
+                               compute.rank, compute.world_size, autocast_ctx=compute.autocast_ctx)
+        scores = core.sum_scores(scores, compute.device, compute.ddp)
+    run.core = core.core_score(scores)
+    run.metrics(step, **{"core/metric": run.core})
+    compute.print0(f"CORE: {run.core:.4f} ({len(scores)} tasks, up to {args.core_max_per_task} examples each)")
+    run.log(f"{step} core {run.core:.4f}")
+
+
+def val_bytes_per_token(val_batches, val_steps, val_tokens, compute, vocab_size):
+    """The mean UTF-8 bytes of the val tokens the loss is taken over (<|endoftext|> counts none: it is no text),
+    for bits per byte; 0 when the tokenizer cannot be loaded. Reads the val batches as estimate_val_loss just did:
+    they end where they were."""
+    try:
+        enc = common.get_encoder()
+    except UserError:
+        return 0.0
+    nbytes = torch.zeros(max(vocab_size, EOT + 1), dtype=torch.float64)
+    nbytes[:EOT] = torch.tensor([len(enc.decode_single_token_bytes(i)) for i in range(EOT)], dtype=torch.float64)
+    if val_tokens is not None:  # --val_tokens: every rank knows them all
+        return (nbytes[val_tokens[1:]].mean()).item()
+    val_batches.reset()
+    total = torch.zeros(2, dtype=torch.float64, device=compute.device)
+    for _ in range(val_steps):
+        y = val_batches.next_batch()[1].cpu()
+        total += torch.tensor([nbytes[y].sum().item(), y.numel()], dtype=torch.float64, device=compute.device)
+    if compute.ddp:
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item()
 
 
 def print_samples(run):
@@ -793,7 +846,8 @@ def print_summary(run):
     args = run.args
     last = args.max_steps - 1
     final = os.path.join(args.log_dir, f"model_{last:05d}.pt")
-    hella = "" if run.hella is None else f" | HellaSwag {run.hella:.4f}"
+    hella = ("" if run.hella is None else f" | HellaSwag {run.hella:.4f}") + \
+        ("" if run.core is None else f" | CORE {run.core:.4f}")
     print(f"done: {args.max_steps} steps ({args.max_steps * args.total_batch_size:,} tokens), "
           f"{args.max_steps - run.start_step} of them in this process, in {duration(time.time() - run.started)} | "
           f"model {final}: after {last} updates ({last * args.total_batch_size:,} tokens) | "
@@ -876,6 +930,9 @@ class Run:
     started: float = 0.0  # time.time() when this process's loop began
     eta_from: float = 0.0  # when this process's first step ended: the ETA leaves out compiling and warming up
     hella: float = None  # the latest HellaSwag accuracy, for the summary
+    core_bundle: tuple = None  # --core_every: (the bundle's path, whether it is nanochat's own, checked)
+    core: float = None  # the latest CORE score, for the summary
+    val_bytes_per_token: float = None  # for bits per byte (None: not measured, e.g. on --synthetic tokens)
     step_times: list = field(default_factory=list)
     flops_per_token: float = 0.0
     peak_flops: float = None
@@ -904,11 +961,13 @@ class Inputs:
     notes: list
     data_identity: dict  # the shards' names, sizes and fingerprints, saved in checkpoints
     val_tokens: torch.Tensor = None  # --val_tokens: the first val tokens, read once
+    core_bundle: tuple = None  # --core_every: CORE's bundle (path, official), checked
 
 
 def check_inputs(args, compute):
     """Every check of what the user gave (flags, data, tokenizer, checkpoint): nothing is written to --log_dir
-    before they all pass (only HellaSwag's cache may be filled), and none of them waits for the other ranks."""
+    before they all pass (only HellaSwag's and CORE's caches may be filled), and none of them waits for the other
+    ranks."""
     candidates = micro_batch_sizes(args, compute)
     if args.batch_size != "auto":
         check_cuda_graphs(args, compute, args.batch_size)
@@ -930,7 +989,8 @@ def check_inputs(args, compute):
     if args.wandb and compute.master:
         common.import_wandb()  # installed? (before anything is written)
     val_tokens = first_val_tokens(val_loader, args.val_tokens, args.vocab_size) if args.val_tokens else None
-    return Inputs(candidates, train_loader, val_loader, enc, config, ckpt, notes, identity, val_tokens)
+    return Inputs(candidates, train_loader, val_loader, enc, config, ckpt, notes, identity, val_tokens,
+                  core_bundle=load_core_bundle(args, compute))
 
 
 def gpt_config(args):
@@ -983,7 +1043,7 @@ def setup_run(args, compute, inputs, was_ours):
               grad_accum_steps=accumulation_steps(args, compute, args.batch_size),
               start_step=start_step, checkpointer=checkpointer, log_file=log_file, val_loss=val_loss,
               flops_per_token=raw_model.flops_per_token(args.seq_len),
-              peak_flops=speed.device_peak_flops(compute.device_type, args.peak_tflops))
+              peak_flops=speed.device_peak_flops(compute.device_type, args.peak_tflops), core_bundle=inputs.core_bundle)
     describe_run(run, ckpt["path"] if ckpt else None, inputs.notes)
     if args.wandb and compute.master:
         wandb_id = ckpt.get("wandb_id") if ckpt else None  # resumed: the same W&B run goes on
@@ -1070,6 +1130,19 @@ def load_eval_data(args):
     return enc
 
 
+def load_core_bundle(args, compute):
+    """--core_every: CORE's bundle downloaded (once) and checked, and this rank's items rendered, now: a missing or
+    damaged bundle, or a --core_max_per_task too small for a task's few-shot prompts, fails before training."""
+    if not args.core_every:
+        return None
+    try:
+        path, official = core.bundle_path(args.core_bundle)
+        core.rendered_tasks(path, official, args.core_max_per_task, compute.rank, compute.world_size, args.block_size)
+    except UserError as e:
+        raise UserError(f"{e} (or leave out --core_every)") from None
+    return path, official
+
+
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)  # 20x that worst case; a real hang still ends
 
 
@@ -1143,6 +1216,9 @@ def describe_run(run, resumed_from, notes):
         compute.print0(f"MFU against {speed.peak_flops_source(compute.device_type, args.peak_tflops)}")
     if args.hellaswag and compute.master and (note := hellaswag.not_the_real_val_set()):  # (hashes the file)
         print(f"note: {note}")
+    if run.core_bundle and not run.core_bundle[1]:
+        compute.print0(f"note: CORE on {run.core_bundle[0]}, not nanochat's bundle as downloaded: its scores compare "
+                       "only with scores on it")
     if resumed_from:
         compute.print0(f"resuming at step {run.start_step} from {resumed_from}")
     for note in notes:
@@ -1237,6 +1313,14 @@ def add_recipe_flags(p):
     g.add_argument("--hellaswag_limit", type=int, default=None, help="score only the first N val examples")
     g.add_argument("--hellaswag_batch_tokens", type=int, default=8192,
                    help="HellaSwag tokens per forward pass (0: one example at a time, build-nanogpt's way)")
+    g.add_argument("--core_every", type=int, default=0,
+                   help="CORE (core.py: nanochat's 22 tasks) every N steps and at the last, logged as core lines (0: "
+                        "off)")
+    g.add_argument("--core_max_per_task", type=int, default=500,
+                   help="CORE's examples per task while training (nanochat's 500; core.py scores all of them)")
+    g.add_argument("--core_bundle", default=None,
+                   help="CORE's eval_bundle.zip (default: nanochat's, downloaded once into $CORE_CACHE_DIR or "
+                        "./core_bundle)")
     g.add_argument("--sample", action=argparse.BooleanOptionalAction, default=True,
                    help="print 4 samples at every evaluation")
     g.add_argument("--checkpoint_every", type=int, default=5000,
@@ -1401,8 +1485,8 @@ def parse_args(argv=None):
         p.error("--seed must be >= 0 and --peak_tflops positive")
     if args.hellaswag_limit is not None and args.hellaswag_limit <= 0:
         p.error("--hellaswag_limit must be positive")
-    if args.hellaswag_batch_tokens < 0:
-        p.error("--hellaswag_batch_tokens must be >= 0")
+    if args.hellaswag_batch_tokens < 0 or args.core_every < 0 or args.core_max_per_task <= 0:
+        p.error("--hellaswag_batch_tokens and --core_every must be >= 0, --core_max_per_task positive")
     if args.save_every < 0 or args.save_every_minutes < 0 or args.keep_last < 1:
         p.error("--save_every and --save_every_minutes must be >= 0, --keep_last >= 1")
     if args.fsdp and (args.batch_size == "auto" or args.compile_mode in ("reduce-overhead", "max-autotune")):
@@ -1413,6 +1497,7 @@ def parse_args(argv=None):
         p.error("--preflight measures speed too, and runs every phase; drop --benchmark")
     if args.benchmark:  # speed only: nothing read from or written to disk, nothing but training steps
         args.synthetic, args.hellaswag, args.sample, args.resume, args.val_tokens = True, False, False, "none", 0
+        args.core_every = 0
     return args
 
 

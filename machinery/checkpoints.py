@@ -41,7 +41,7 @@ OWN_TEMP_RE = re.compile(r"^((model|ckpt)_\d+\.pt|log\.txt)\.tmp$")  # the tempo
 SHARDED_TEMP_RE = re.compile(r"^ckpt_\d+\.tmp$")  # a sharded save's temporary folder (not a file by that name)
 # a whole log.txt line, newline included: anything else (a line torn by a crash or a full disk, zeros a crash left
 # in an unwritten page) is never kept on resume, whatever its first characters are
-LOG_LINE_RE = re.compile(r"^(\d+) (train|val|hella) (-?\d+\.\d+|-?inf|nan)\n$")
+LOG_LINE_RE = re.compile(r"^(\d+) (train|val|hella|core) (-?\d+\.\d+|-?inf|nan)\n$")
 # GPTConfig fields that choose how to compute, not what: left out of checkpoints, free to change on resume
 COMPUTE_ONLY_FIELDS = ("attention", "ce_chunk_rows")
 

@@ -3,12 +3,13 @@
 whole run will cost. A run that fails at its first evaluation or first save fails here instead, in a minute.
 
 It trains in a temporary folder (TMPDIR's) that it deletes at the end, and writes nothing to --log_dir: that
-folder is only checked (usable, and room on its disk for what the run keeps). The phases, in order:
-inputs (the flags, data, tokenizer, HellaSwag, a checkpoint to resume) -> setup (model, optimizer, loaders,
-DDP) -> first step (compiles) -> steps (timed) -> evaluation (val loss, HellaSwag on a few hundred examples,
-the samples) -> disk -> checkpoint (a resume point saved) -> resume (loaded into a fresh model and optimizer:
-the next steps give the losses the run itself gave) -> ranks (the same weights on every rank, and the link's
-all-reduce speed). Then the summary: tok/s, MFU, peak memory, link GB/s, the run's projected time and disk.
+folder is only checked (usable, and room on its disk for what the run keeps). The phases, in order: inputs
+(the flags, data, tokenizer, HellaSwag, a checkpoint to resume) -> setup (model, optimizer, loaders, DDP) ->
+first step (compiles) -> steps (timed) -> evaluation (val loss, HellaSwag on a few hundred examples, the
+samples) -> CORE (with --core_every: one pass) -> disk -> checkpoint (a resume point saved) -> resume (loaded
+into a fresh model and optimizer: the next steps give the losses the run itself gave) -> ranks (the same
+weights on every rank, and the link's all-reduce speed). Then the summary: tok/s, MFU, peak memory, link GB/s,
+the run's projected time and disk.
 
 The recipe's own functions do the work: `recipe` is train_gpt2 itself, passed in (it imports this module, so
 importing it here would be a cycle).
@@ -149,6 +150,9 @@ def train_phases(args, real, recipe, compute, inputs, phases, was_ours):
         print_speed(report, real, "the training steps")
     with phases("evaluation"):
         report["eval_time"] = evaluation_time(recipe, run, step, real)
+    if args.core_every:
+        with phases("CORE"):  # one pass, as the run makes them: --core_max_per_task items of each task
+            report["core_time"] = timed(recipe.evaluate_core, run, step)
     with phases("disk"):
         report["file_bytes"] = checkpoint_bytes(run)
         report["saves"] = check_disk(real, run, report["file_bytes"])
@@ -343,9 +347,12 @@ def print_report(r, real, phases, duration):
     steps = range(r["start_step"], real.max_steps)
     evals = sum(1 for s in steps if s % real.eval_every == 0 or s == real.max_steps - 1)
     milestones, resume_points, kept = r["saves"]
-    total_time = len(steps) * r["step_time"] + evals * r["eval_time"] + (milestones + resume_points) * r["save_time"]
+    cores = sum(1 for s in steps if real.core_every and s > 0 and (s % real.core_every == 0 or s == real.max_steps - 1))
+    total_time = len(steps) * r["step_time"] + evals * r["eval_time"] + (milestones + resume_points) * r["save_time"] \
+        + cores * r.get("core_time", 0.0)
     print(f"preflight: the run: about {duration(total_time)} for steps {r['start_step']}-{real.max_steps - 1} "
           f"({len(steps):,} x {r['step_time']:.3g}s + {evals} evaluations x {r['eval_time']:.3g}s + "
+          + (f"{cores} CORE passes x {r['core_time']:.3g}s + " if real.core_every else "") +
           f"{milestones + resume_points} saves x {r['save_time']:.2g}s; HellaSwag's time scaled from "
           f"{r['hellaswag_scored']} examples)")
     print(f"preflight: disk: --log_dir {real.log_dir} will hold about {gb(kept)} (milestones {milestones}, resume "

@@ -137,6 +137,19 @@ def bf16_supported(device_type):
     return device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
+def scoring_device(requested, dtype):
+    """(device, autocast context or None) for a script that scores a model (hellaswag.py, core.py): under torchrun
+    each rank on its own GPU, as train_gpt2.py's ranks train; bf16 where the GPU computes it natively, unless
+    dtype ("bf16" or "fp32") says otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device_type = check_device_type(requested)
+    device = process_device(requested, device_type, int(os.environ.get("LOCAL_RANK", 0)), world_size > 1)
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
+    dtype = dtype or ("bf16" if bf16_supported(device_type) else "fp32")
+    return device, torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bf16" else None
+
+
 def synchronize(device_type):
     """Wait for the device's queued work: host timers then measure it."""
     if device_type == "cuda":

@@ -234,6 +234,18 @@ def shards_once(build_once, name, train, val):
     return build_once(name, make)
 
 
+@pytest.fixture(scope="session")
+def core_bundle(build_once):
+    """A stand-in CORE eval bundle (tests/core_bundle.py): its zip's path."""
+    from core_bundle import write_bundle
+
+    def make(root):
+        os.makedirs(root)
+        return write_bundle(root / "eval_bundle.zip")
+
+    return build_once("core_bundle", make)
+
+
 def run(args, cwd=None, timeout=600, env=None):
     """Run a command; stdout and stderr captured as text."""
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))

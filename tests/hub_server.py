@@ -8,12 +8,13 @@ resumed transfer), so the client under test is the real one over real HTTP. File
         ...                                        # server.bytes_per_second: a slow link
 """
 
+import functools
 import hashlib
 import json
 import os
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlparse
 
 import numpy as np
@@ -21,13 +22,11 @@ import numpy as np
 CHUNK = 64 * 1024
 
 
-class HubServer:
-    def __init__(self, root):
-        self.root = str(root)
-        self.status = None  # an HTTP status to answer every request with, instead of the files
-        self.bytes_per_second = None  # throttle file bodies to this rate
-        self.requests = []  # (method, path, Range header) of every request, in order
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
+class LocalServer:
+    """An HTTP server on a free port of 127.0.0.1, serving in a thread while in its `with` block."""
+
+    def __init__(self, handler):
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
 
@@ -38,6 +37,24 @@ class HubServer:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class FileServer(LocalServer):
+    """The files of a folder, as a plain web host serves them (GET, HEAD)."""
+
+    def __init__(self, root):
+        handler = functools.partial(SimpleHTTPRequestHandler, directory=str(root))
+        handler.log_message = lambda *args: None
+        super().__init__(handler)
+
+
+class HubServer(LocalServer):
+    def __init__(self, root):
+        self.root = str(root)
+        self.status = None  # an HTTP status to answer every request with, instead of the files
+        self.bytes_per_second = None  # throttle file bodies to this rate
+        self.requests = []  # (method, path, Range header) of every request, in order
+        super().__init__(self.handler())
 
     def repo_dir(self, repo_id):
         return os.path.join(self.root, *repo_id.split("/"))

@@ -1,7 +1,7 @@
 """
 Every evaluation path runs with autograd off: the training loop's (val loss both ways, HellaSwag, the
-samples), the preflight's timed evaluations, and the scripts' (hellaswag.py, sample.py, app.py). One that
-builds a backward graph holds twice a forward's activation memory on a GPU, from step 0 on.
+samples, CORE), the preflight's timed evaluations, and the scripts' (hellaswag.py, core.py, sample.py, app.py).
+One that builds a backward graph holds twice a forward's activation memory on a GPU, from step 0 on.
 """
 
 import argparse
@@ -27,7 +27,7 @@ def grad_modes_of_every_forward():
         handle.remove()
 
 
-def tiny_run(tmp_path):
+def tiny_run(tmp_path, core_bundle):
     """A real run's setup, in this process: a tiny GPT on CPU, val loss over --val_tokens, HellaSwag and samples."""
     import train_gpt2
     from machinery import checkpoints
@@ -37,7 +37,8 @@ def tiny_run(tmp_path):
     args = train_gpt2.parse_args(["--data_dir", str(tmp_path / "data"), "--log_dir", str(tmp_path / "log"),
                                   *TINY_MODEL, "-B", "2", "-T", "64", "--total_batch_size", "128", "--max_steps",
                                   "4", "--warmup_steps", "1", "--val_tokens", "384", "--hellaswag_limit", "4",
-                                  "--device", "cpu"])
+                                  "--device", "cpu", "--core_every", "2", "--core_max_per_task", "4",
+                                  "--core_bundle", core_bundle])
     compute = train_gpt2.compute_init(args)
     inputs = train_gpt2.check_inputs(args, compute)
     with checkpoints.claim_log_dir(args, holder=True) as was_ours, contextlib.redirect_stdout(io.StringIO()):
@@ -46,14 +47,15 @@ def tiny_run(tmp_path):
 
 
 @pytest.mark.slow  # the three scripts' models and HellaSwag's rendering: about 18 s
-def test_every_evaluation_path_runs_with_grad_disabled(tmp_path, hellaswag_dir, enc):
+def test_every_evaluation_path_runs_with_grad_disabled(tmp_path, hellaswag_dir, core_bundle, enc):
     import app
+    import core
     import hellaswag
     import sample
     import train_gpt2
     from machinery import preflight
 
-    run = tiny_run(tmp_path)
+    run = tiny_run(tmp_path, core_bundle)
     with grad_modes_of_every_forward() as training:  # the hook sees grad mode: a training step has it on
         train_gpt2.train_step(run, 0, [])
     assert training and all(training)
@@ -65,11 +67,15 @@ def test_every_evaluation_path_runs_with_grad_disabled(tmp_path, hellaswag_dir, 
         run.args.val_tokens = 0
         with grad_modes_of_every_forward() as paths["val loss over --val_steps batches"]:
             train_gpt2.evaluate(run, 1)
+        with grad_modes_of_every_forward() as paths["CORE (--core_every)"]:
+            train_gpt2.evaluate_core(run, 1)
         with grad_modes_of_every_forward() as paths["the preflight's timed evaluations"]:
             preflight.evaluation_time(train_gpt2, run, 1, argparse.Namespace(**vars(run.args)))
         saved = run.checkpointer.save(1, run.val_loss, last_step=True)
         with grad_modes_of_every_forward() as paths["hellaswag.py"]:
             hellaswag.main(["-m", saved, "--limit", "4", "-d", "cpu"])
+        with grad_modes_of_every_forward() as paths["core.py"]:
+            core.main(["-m", saved, "--bundle", core_bundle, "--max_per_task", "4", "-d", "cpu"])
         with grad_modes_of_every_forward() as paths["sample.py"]:
             sample.main(["-m", saved, "--num_samples", "1", "--max_new_tokens", "3", "--device", "cpu"])
         with grad_modes_of_every_forward() as paths["app.py"]:

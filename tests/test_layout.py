@@ -18,7 +18,7 @@ from machinery.checkpoints import load_checkpoint
 from train_gpt2 import GPT
 
 FIXTURES = os.path.join(REPO, "tests", "fixtures")
-SCRIPTS = ["app", "export", "fineweb", "hellaswag", "plot_log", "sample", "train_gpt2", "variants"]
+SCRIPTS = ["app", "core", "export", "fineweb", "hellaswag", "plot_log", "sample", "train_gpt2", "variants"]
 PACKAGE = "machinery"
 
 

@@ -102,13 +102,16 @@ def test_resuming_a_real_run_leaves_its_folder_byte_for_byte(shards, hellaswag_d
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_gloo_ranks_pass_and_measure_the_link(shards, hellaswag_dir, tmp_path, mode):
+def test_two_gloo_ranks_pass_and_measure_the_link(shards, hellaswag_dir, core_bundle, tmp_path, mode):
     """Under torchrun, and with the speedrun-simple recipe's two optimizers and --val_tokens; under --fsdp
-    (and --recompute) the resume phase saves and loads a sharded checkpoint."""
+    (and --recompute) the resume phase saves and loads a sharded checkpoint. With --core_every, one CORE pass
+    (the ranks scoring different numbers of rows: under --fsdp too) and its cost in the projection."""
     log_dir, tmp = tmp_path / "log", tmp_path / "tmp"
     fsdp = ["--fsdp", "--recompute"] if mode == "fsdp" else []
-    proc = preflight(shards, log_dir, tmp, "--recipe", "speedrun-simple", "--val_tokens", 2048, *fsdp, nproc=2)
+    proc = preflight(shards, log_dir, tmp, "--recipe", "speedrun-simple", "--val_tokens", 2048, *fsdp,
+                     "--core_every", 20, "--core_max_per_task", 5, "--core_bundle", core_bundle, nproc=2)
     assert_passed(proc)
+    assert "preflight: CORE ok (" in proc.stdout and " 2 CORE passes x " in proc.stdout
     saved = next(line for line in proc.stdout.splitlines() if line.startswith("saved "))
     assert saved.endswith("ckpt_00004") if fsdp else saved.endswith("ckpt_00004.pt")
     assert "processes 2" + (" (FSDP: sharded) | recompute" if fsdp else " |") in proc.stdout

@@ -230,6 +230,8 @@ def test_missing_hellaswag_offline_and_corrupt_shard_in_a_real_process(tmp_path,
 @pytest.mark.parametrize("script, argv, needle", [
     ("train_gpt2", ["--max_steps", "0"], "--max_steps must be positive"),
     ("train_gpt2", ["--arch", "gpt3"], "invalid choice: 'gpt3'"),
+    ("train_gpt2", ["--core_max_per_task", "0"], "--core_max_per_task positive"),
+    ("core", ["--batch_tokens", "-1"], "--batch_tokens must be >= 0"),
     ("fineweb", ["--num_proc", "x"], "invalid int value: 'x'"),
     ("hellaswag", ["--split", "test"], "invalid choice: 'test'"),
     ("sample", ["--num_samples", "0"], "must be positive"),
@@ -270,7 +272,7 @@ def test_first_try_preset_reports_eta_and_summary_then_a_rerun_is_complete(shake
     assert len(samples) == 4 and all("Hello, I'm a language model," in s for s in samples)
     # a sample's newlines are escaped: every line of the output is one of the run's own kinds of line
     kinds = ("device ", "recipe ", "model: ", "total batch", "data", "train shards", "MFU ", "validation loss",
-             "HellaSwag", "step ", "sample ", "saved ", "done: ", "note: ")
+             "validation bits per byte", "HellaSwag", "step ", "sample ", "saved ", "done: ", "note: ")
     assert all(line.startswith(kinds) for line in proc.stdout.splitlines()), proc.stdout
     summary = proc.stdout.strip().splitlines()[-1]
     log = read_log(tmp_path / "log" / "log.txt")
@@ -314,11 +316,12 @@ def wandb_history(run_dir):
 
 @pytest.mark.slow
 def test_wandb_offline_logs_what_log_txt_logs_and_a_resume_goes_on_in_the_same_run(shakespeare_shards, hellaswag_dir,
-                                                                                   tmp_path):
+                                                                                   core_bundle, tmp_path):
     pytest.importorskip("wandb")
     args = ["--data_dir", shakespeare_shards, "--log_dir", tmp_path / "myrun", *TINY_MODEL, "-B", 4, "-T", 32,
             "--total_batch_size", 256, "--max_steps", 4, "--warmup_steps", 1, "--eval_every", 3, "--val_steps", 2,
-            "--hellaswag_limit", 4, "--no-sample", "--wandb", "--wandb_project", "tests", "--peak_tflops", 1]
+            "--hellaswag_limit", 4, "--no-sample", "--wandb", "--wandb_project", "tests", "--peak_tflops", 1,
+            "--core_every", 3, "--core_max_per_task", 4, "--core_bundle", core_bundle]
     proc = run_script("train_gpt2.py", *args, env={"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path),
                                                    "WANDB_SILENT": "true"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -336,6 +339,8 @@ def test_wandb_offline_logs_what_log_txt_logs_and_a_resume_goes_on_in_the_same_r
     for step in (0, 3):
         assert f"{by_step[step]['val/loss']:.4f}" == f"{log['val'][step]:.4f}"
         assert f"{by_step[step]['hellaswag/acc_norm']:.4f}" == f"{log['hella'][step]:.4f}"
+        assert f"validation bits per byte: {by_step[step]['val/bpb']:.4f}" in proc.stdout
+    assert f"{by_step[3]['core/metric']:.4f}" == f"{log['core'][3]:.4f}" and list(log["core"]) == [3]
     assert config["max_steps"] == 4 and config["wandb_project"] == "tests"
     # trained on: the resumed run logs into the same W&B run (its id is in the checkpoint)
     args[args.index("--max_steps") + 1] = 6
