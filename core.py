@@ -311,6 +311,10 @@ def evaluate(model, device, path, official, max_per_task=None, rank=0, world_siz
              autocast_ctx=None, progress=False):
     """This rank's correct counts, one per task in core.yaml's order, to be summed across ranks (sum_scores)."""
     tasks = rendered_tasks(path, official, max_per_task, rank, world_size, model.max_len)
+    if progress:
+        rows = [r for _, _, mine in tasks for _, item_rows in mine for r in item_rows]
+        print(f"CORE: {len(tasks)} tasks, {sum(len(mine) for _, _, mine in tasks):,} items on this rank ({len(rows):,} "
+              f"rows, {sum(len(r.tokens) for r in rows):,} tokens)", file=sys.stderr, flush=True)
     out = []
     for task, examples, mine in tasks:
         t0 = time.time()
@@ -442,10 +446,10 @@ def main(argv=None):
         print(table(scores))
         print(f"{args.model}: CORE {core_score(scores):.4f} | {time.time() - t0:.1f} s"
               + ("" if args.max_per_task is None else f" | at most {args.max_per_task} examples per task"))
+        if line := reference_line(model.shape):
+            print(line)
         if not official:
             print(f"note: {path} is not nanochat's bundle as downloaded: scores compare only with scores on it")
-        elif line := reference_line(model.shape):
-            print(line)
 
 
 if __name__ == "__main__":

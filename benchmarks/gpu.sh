@@ -14,7 +14,7 @@
 #   bash benchmarks/gpu.sh tests       # the CUDA test group, verbose, a timeout per test, the cheap ones first
 #   bash benchmarks/gpu.sh speed       # --benchmark: -B auto (compiled), chunked CE, cuDNN attention, compile
 #                                      # modes, then the speed ladder
-#   bash benchmarks/gpu.sh eval        # HellaSwag: all 10,042 val examples, 124M, bf16, compiled
+#   bash benchmarks/gpu.sh eval        # HellaSwag: all 10,042 val examples, 124M, bf16, compiled; CORE on a stand-in
 #   bash benchmarks/gpu.sh side        # build-nanogpt's own script against this one, same shards
 #   bash benchmarks/gpu.sh recipes     # --recipe gpt2, llama, speedrun, speedrun-simple (Muon, --val_tokens) at
 #                                      # 124M on the novels: val loss at equal tokens (7.9M each)
@@ -136,7 +136,9 @@ case "$STAGE" in
             | tee "$OUT/ladder.log" | tail -16 ;;
     eval)
         timeout 580 $PY benchmarks/eval_speed.py --size 124M --limit 0 --device cuda --dtype bf16 --compile \
-            ${DRY:+--size small --limit 8 --new_tokens 16 --device cpu --dtype fp32} 2>&1 | tee "$OUT/eval.log" | tail -8
+            ${DRY:+--size small --limit 8 --new_tokens 16 --device cpu --dtype fp32 --core_items 4} \
+            2>&1 | tee "$OUT/eval.log" | tail -8
+        note "eval: $(grep '^CORE' "$OUT/eval.log")"
         note "eval: $(tail -1 "$OUT/eval.log")" ;;
     side)
         if [ -n "$DRY" ]; then  # build-nanogpt's own 124M run needs the GPU; its project command is dry-run by the suite

@@ -68,6 +68,8 @@ def test_notebook_runs_on_the_log(shakespeare_run, tmp_path):
     from nbclient import NotebookClient
 
     log_dir = str(shutil.copytree(shakespeare_run[0], tmp_path / "log"))  # the notebook saves its PNG there
+    with open(os.path.join(log_dir, "log.txt"), "a") as f:  # as --core_every logs them
+        f.write("13 core 0.0123\n39 core 0.0456\n")
     nb = nbformat.read(os.path.join(REPO, "play.ipynb"), as_version=4)
     first = next(c for c in nb.cells if c.cell_type == "code")
     assert 'log_dir = "log"' in first.source
@@ -80,7 +82,9 @@ def test_notebook_runs_on_the_log(shakespeare_run, tmp_path):
     assert f"min train loss: {min(log['train'].values()):.4f}" in text
     assert f"min val loss: {min(log['val'].values()):.4f}" in text
     assert f"max HellaSwag acc_norm: {max(log['hella'].values()):.4f}" in text
-    assert "OpenAI's GPT-2 124M: HellaSwag acc_norm 0.2945, FineWeb val loss 3.4250; GPT-3 Small, 125M: " in text
+    assert "max CORE: 0.0456" in text
+    assert "OpenAI's GPT-2 124M: HellaSwag acc_norm 0.2945, FineWeb val loss 3.4250, CORE 0.1139; GPT-3 Small, " \
+           "125M: " in text
     assert any("image/png" in o.get("data", {}) for o in outputs)
     png = os.path.join(log_dir, "curves.png")
     assert f"saved {png}" in text and open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
