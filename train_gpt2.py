@@ -1533,19 +1533,27 @@ def check_variant_flags(p, args):
         p.error("--adam_betas must be within [0, 1), --muon_momentum_warmup >= 0")
     if (args.scalar_lr is not None and args.scalar_lr <= 0) or (args.adam_weight_decay or 0) < 0:
         p.error("--scalar_lr must be positive, --adam_weight_decay >= 0")
-    if args.val_tokens < 0 or args.val_tokens % args.seq_len:
+    if args.val_tokens < 0:
+        p.error(f"--val_tokens {args.val_tokens} must not be negative: 0 (the default) is --val_steps batches, N the "
+                "first N val tokens")
+    if args.val_tokens % args.seq_len:
         p.error(f"--val_tokens {args.val_tokens} must be a multiple of -T {args.seq_len} (whole sequences), or 0")
 
 
 def out_of_memory_error(args, e):
-    """The one-line error for a GPU out of memory mid-run (-B 64, the default, does not fit a 40 GB card)."""
+    """The one-line error for running out of memory mid-run (-B 64, the default, does not fit a 40 GB card): the
+    device's memory it ran out of, the allocator's words whole (the byte count never cut), and the fixes that
+    apply there (-B auto measures GPU memory only)."""
     e = speed.out_of_memory(e) or e  # the error itself, not the compiler's wrapper around it
+    where = "GPU memory" if isinstance(e, torch.cuda.OutOfMemoryError) else "memory on the CPU"
+    detail = speed.allocation_failure(e)
     B = args.batch_size
     if B == "auto":
-        return UserError(f"out of GPU memory ({common.first_line(e)[:120]}); use a smaller model or -T")
+        return UserError(f"out of {where} ({detail}); use a smaller model or -T")
     smaller = next((b for b in range(B // 2, 0, -1) if args.total_batch_size % (b * args.seq_len) == 0), 1)
-    return UserError(f"out of GPU memory at -B {B} ({common.first_line(e)[:120]}); pass -B {smaller} (the same "
-                     f"--total_batch_size, with more accumulation steps) or -B auto, which finds the largest that fits")
+    auto = " or -B auto, which finds the largest that fits" if where == "GPU memory" else ""
+    return UserError(f"out of {where} at -B {B} ({detail}); pass -B {smaller} (the same --total_batch_size, with "
+                     f"more accumulation steps){auto}")
 
 
 def main(argv=None):

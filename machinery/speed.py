@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from machinery.common import UserError
+from machinery.common import UserError, first_line
 from machinery.runtime import synchronize
 
 # -----------------------------------------------------------------------------
@@ -297,6 +297,16 @@ def out_of_memory(e):
             return e
         e = e.__cause__ or e.__context__
     return None
+
+
+def allocation_failure(e):
+    """An out-of-memory error's first line in words, short, but with the size it asked for whole: CPU's allocator
+    says "you tried to allocate 52710866944 bytes", which a plain cut to length left as "527108"."""
+    line = first_line(e)
+    asked = re.search(r"allocate (\d+) bytes", line)
+    if asked:
+        return f"the allocator refused {int(asked.group(1)):,} bytes"
+    return line if len(line) <= 160 else line[:160].rsplit(" ", 1)[0] + " ..."
 
 
 def largest_micro_batch(model, candidates, T, vocab_size, autocast_ctx, device, reserve_bytes):

@@ -304,6 +304,10 @@ def test_running_out_of_gpu_memory_is_one_line_naming_a_smaller_batch():
     assert isinstance(e, UserError) and "\n" not in str(e)
     assert str(e).startswith("out of GPU memory at -B 64 (CUDA out of memory. Tried to allocate 3.07 GiB")
     assert "pass -B 32 (the same --total_batch_size" in str(e) and "-B auto" in str(e)
+    # a long message is cut at a word, not inside a number
+    long = torch.OutOfMemoryError("CUDA out of memory. " + "Tried to allocate 3.07 GiB. " * 9)
+    assert str(train_gpt2.out_of_memory_error(args, long)).split("(", 1)[1].startswith("CUDA out of memory. Tried")
+    assert "GiB. ...)" in str(train_gpt2.out_of_memory_error(args, long))
 
 
 def test_each_process_gets_its_own_device():

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, TINY_MODEL, assert_one_line_error, run, write_shards
+from conftest import REPO, TINY_MODEL, assert_one_line_error, main_error, run, write_shards
 
 import train_gpt2
 from machinery import speed
@@ -176,6 +176,26 @@ def test_out_of_memory_in_a_phase_is_one_line_naming_a_smaller_batch():
                 raise error
         assert str(e.value).startswith("preflight failed at first step: out of GPU memory at -B 64 (CUDA out of")
         assert "pass -B 32" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_out_of_memory_on_the_cpu_names_the_cpu_its_fixes_and_the_whole_size(tmp_path):
+    """`--preflight -B 16384` on CPU (the logits alone over 50 GB): one line about the host's memory, with no GPU
+    and no -B auto (refused on CPU) in it. And when the CPU allocator itself refuses, its byte count is given
+    whole (a cut to length once left "21099026" of 211 GB) and the fix is a smaller -B."""
+    write_shards(tmp_path / "d", [300000], split="val", first_index=0)
+    write_shards(tmp_path / "d", [300000])
+    message = main_error(train_gpt2.main, "--data_dir", tmp_path / "d", "--log_dir", tmp_path / "log", *TINY_MODEL,
+                         "-B", 16384, "-T", 16, "--total_batch_size", 262144, "--preflight", "--device", "cpu")
+    assert "preflight failed at inputs:" in message and "the host (1 process)" in message
+    assert "GPU" not in message and "-B auto" not in message and "try -B 2048" in message
+    args = train_gpt2.parse_args(["-B", "16384", "-T", "16", "--total_batch_size", "262144", "--device", "cpu"])
+    phases = Phases(True, lambda e: train_gpt2.out_of_memory_error(args, e))
+    with pytest.raises(UserError) as e:
+        with phases("first step"):
+            torch.empty(2 ** 50, dtype=torch.uint8)  # the real allocator's refusal (past any address space)
+    assert str(e.value) == ("preflight failed at first step: out of memory on the CPU at -B 16384 (the allocator "
+                            "refused 1,125,899,906,842,624 bytes); pass -B 8192 (the same --total_batch_size, with "
+                            "more accumulation steps)")
 
 
 def test_a_run_too_large_for_the_machine_is_refused_before_anything_is_built(tmp_path):
