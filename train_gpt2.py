@@ -636,7 +636,9 @@ def evaluate(run, step):
         evaluate_val_loss(run, step)
         if args.hellaswag:
             evaluate_hellaswag(run, step)
-        if args.sample and run.compute.master and step > 0:
+        # rank 0 prints them; under --fsdp every rank samples too, or FSDP's state on rank 0 alone would see the
+        # extra forward passes, and the ranks' next collectives would differ (a hang)
+        if args.sample and step > 0 and (run.compute.master or args.fsdp):
             print_samples(run)
 
 
@@ -733,7 +735,7 @@ def print_samples(run):
                               run.compute.device, seed=42)
     for i, text in enumerate(samples):
         one_line = text.replace("\n", "\\n")  # one line per sample, its newlines shown as \n
-        print(f"sample {i}: {one_line}")
+        run.compute.print0(f"sample {i}: {one_line}")
 
 
 def stop_run(run, step, saved, stop_signals):
@@ -1567,7 +1569,7 @@ def main(argv=None):
                 raise
             raise out_of_memory_error(args, e) from None
     except UserError as e:
-        if dist.is_initialized():
+        if dist.is_initialized() and not isinstance(e, common.AnotherRankFailed):  # (that one knows already)
             runtime.tell_other_ranks(str(e))
         if e.exit_code != 1:  # 3: the run diverged (common.RunDiverged), which a restart loop should not rerun
             print(f"train_gpt2.py: error: {e}", file=sys.stderr)

@@ -162,10 +162,40 @@ def load_sharded_checkpoint(path, weights):
     if not {"config", "step", "world_size"} <= set(ckpt) or ranks != set(range(ckpt["world_size"])):
         raise UserError(f"{path} is incomplete: it holds the shards of ranks {sorted(ranks)} of "
                         f"{ckpt.get('world_size', '?')}; resume from another checkpoint (--resume PATH)")
+    for name, crc in ckpt.get("shard_crcs", {}).items():  # (folders from before they were kept: none)
+        if file_crc(os.path.join(path, name)) != crc:
+            raise UserError(f"{path} is corrupt: {name} does not match the checksum saved with it (cut short, or a "
+                            "bit flipped); resume from another checkpoint (--resume PATH)")
     ckpt = dict(ckpt, sharded=True)
     if weights:
         ckpt["model"] = read_sharded_weights(path)
     return ckpt
+
+
+def file_crc(path):
+    """A CRC-32 of a file's bytes (None when it is missing)."""
+    crc = 0
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                crc = zlib.crc32(block, crc)
+    except FileNotFoundError:
+        return None
+    return crc
+
+
+def shard_crcs(folder, writer):
+    """{file name: CRC-32} of every file a sharded save wrote into folder: each rank checks its own shard files
+    and rank 0 (the writer, which wrote .metadata) gathers them all; None on the other ranks."""
+    rank = dist.get_rank()
+    mine = {n: file_crc(os.path.join(folder, n)) for n in os.listdir(folder)
+            if (m := SHARDED_FILE_RE.match(n)) and m.group(2) == str(rank) and not m.group(3)}
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    if not writer:
+        return None
+    return dict(sorted({k: v for part in gathered for k, v in part.items()}.items()),
+                **{".metadata": file_crc(os.path.join(folder, ".metadata"))})
 
 
 def read_sharded_weights(path):
@@ -174,6 +204,20 @@ def read_sharded_weights(path):
         return sharding.read_whole_weights(path)
     except Exception as e:  # a damaged or missing shard file
         raise UserError(f"{path}: its shards are unreadable ({type(e).__name__}: {first_line(e)})") from None
+
+
+def sharded_failure(e, path):
+    """What failed in a sharded save, in words, as a whole file's failure is worded (write_failure): the first
+    failing rank's OS error (a full disk: "No space left on device"), else its first line and the space left."""
+    failures = getattr(e, "failures", None)  # CheckpointException's: {rank: (the exception, its traceback)}
+    if not failures:
+        return write_failure(path, e)
+    rank, first = min(failures.items(), key=lambda item: item[0])
+    first = first[0] if isinstance(first, tuple) else first
+    cause = first
+    while cause is not None and not (isinstance(cause, OSError) and cause.strerror):
+        cause = cause.__cause__ or cause.__context__
+    return f"rank {rank}: {write_failure(path, cause or first)}"
 
 
 def checkpoint_path(log_dir, name, step, sharded=False):
@@ -308,11 +352,15 @@ class Checkpointer:
         dist.barrier()  # the folder exists before any rank writes in it
         try:
             sharding.save_sharded(sharding.sharded_state(self.model, torch_optimizers(self.optimizer)), temp)
-        except Exception as e:  # on every rank: torch gathers each rank's failure
-            raise UserError(f"could not write checkpoint {path} ({first_line(e)[:200]}); the earlier checkpoints are "
-                            "intact: free some space, then rerun the same command to resume") from None
+            crcs = shard_crcs(temp, self.writer)  # a flipped bit or a cut file is found on resume
+        except sharding.checkpoint_errors() as e:  # on every rank: torch gathers each rank's failure
+            failure = sharded_failure(e, path)
+            if self.writer:
+                remove_checkpoint(temp)  # the space it took, back
+            raise UserError(f"could not write checkpoint {path} ({failure}); the earlier checkpoints are intact: "
+                            "free some space, then rerun the same command to resume") from None
         if self.writer:
-            state = self.run_state(step, val_loss)
+            state = dict(self.run_state(step, val_loss), shard_crcs=crcs)
             atomic_torch_save(dict(state, checksum=payload_crc(state)), os.path.join(temp, STATE_NAME))
             remove_checkpoint(path)  # left by an abandoned later save: this run has come back to its step
             os.rename(temp, path)
@@ -326,7 +374,7 @@ class Checkpointer:
         if ckpt.get("sharded"):
             try:
                 sharding.load_sharded(self.model, torch_optimizers(self.optimizer), ckpt["path"])
-            except Exception as e:
+            except sharding.checkpoint_errors() as e:
                 raise UserError(f"{ckpt['path']}: its shards are unreadable ({first_line(e)[:200]}); resume from "
                                 "another checkpoint (--resume PATH)") from None
         else:

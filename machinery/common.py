@@ -39,6 +39,11 @@ class RunDiverged(UserError):
     exit_code = 3
 
 
+class AnotherRankFailed(UserError):
+    """This rank stops because another one failed (or torchrun, seeing it, stops every rank): nothing to tell the
+    others, and no time to lose before saying so."""
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help with each flag's default shown once: not added where the default is None (the help says it)."""
 

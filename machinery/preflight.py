@@ -21,6 +21,7 @@ import gc
 import io
 import os
 import shutil
+import signal
 import tempfile
 import time
 import traceback
@@ -29,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from machinery import checkpoints, sharding, speed
-from machinery.common import UserError, first_line
+from machinery.common import AnotherRankFailed, UserError, first_line
 from machinery.runtime import synchronize
 
 TIMED_STEPS = 3  # after the first step, which compiles
@@ -54,10 +55,14 @@ class Phases:
             yield
             synchronize(self.device_type)
         except UserError as e:
-            raise UserError(f"preflight failed at {name}: {e}") from None
+            raise type(e)(f"preflight failed at {name}: {e}") from None
         except Exception as e:
             if speed.out_of_memory(e):
                 raise UserError(f"preflight failed at {name}: {self.out_of_memory_error(e)}") from None
+            if peer_lost(e):  # not this rank's fault: no traceback of its own
+                raise AnotherRankFailed(f"preflight failed at {name}: another rank died (this one's connection to "
+                                        f"it broke: {first_line(e)[:120]}); that rank's error, if it left one, is "
+                                        "above") from None
             traceback.print_exc()
             raise UserError(f"preflight failed at {name}: {type(e).__name__}: {first_line(e)}") from None
         self.seconds[name] = time.time() - t0
@@ -65,8 +70,41 @@ class Phases:
             print(f"preflight: {name} ok ({self.seconds[name]:.1f}s)", flush=True)
 
 
+def peer_lost(e):
+    """A collective failed because another rank is gone: gloo's and NCCL's words for a closed connection."""
+    text = str(e)
+    return isinstance(e, dist.DistBackendError) or any(
+        words in text for words in ("Connection reset by peer", "Connection closed by peer", "Broken pipe"))
+
+
+@contextlib.contextmanager
+def stopped_by_sigterm():
+    """SIGTERM raises a UserError that the phase running names: torchrun sends it to every rank when one has
+    failed, and a rank killed by it said nothing at all. Any later SIGTERM is ignored, so the line gets out."""
+    received = []
+
+    def stop(signum, frame):
+        received.append(signum)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise AnotherRankFailed("stopped by SIGTERM: torchrun stops every rank when one fails (that rank's error, if "
+                                "it left one, is above), or someone asked it to stop")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        if not received:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def run(args, recipe):
     """The preflight of `args`' run; returns 0 when every phase passed (a failure raises UserError)."""
+    with stopped_by_sigterm():
+        return run_phases(args, recipe)
+
+
+def run_phases(args, recipe):
+    """run()'s body: inputs, the training phases in a temporary folder, the report."""
     real = argparse.Namespace(**vars(args))  # the run as asked for: its projections and its --log_dir
     phases = Phases(int(os.environ.get("RANK", 0)) == 0, lambda e: recipe.out_of_memory_error(real, e))
     with phases("inputs"):

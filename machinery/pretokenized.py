@@ -90,6 +90,14 @@ def hub_failure(repo_id, filename, e):
     if isinstance(e, hub_errors.RepositoryNotFoundError):
         return UserError(f"the hub has no dataset {repo_id} at {endpoint} (or it is private: set HF_TOKEN); name "
                          f"one of {', '.join(SOURCES)}, or a dataset id that exists")
+    status = http_status(e)  # a refusal the client wraps as a missing file (LocalEntryNotFoundError) included
+    if status == 403:
+        return UserError(f"the hub refused {what} at {endpoint} (403 forbidden): the dataset may be gated or private; "
+                         "set HF_TOKEN to a token with access (and accept its terms on its page), then rerun")
+    if status == 429:
+        return UserError(f"the hub rate-limited {what} at {endpoint} (429 too many requests), still after the "
+                         "client's retries, which wait as its Retry-After says: wait a few minutes and rerun (it "
+                         "resumes), or pass fewer --jobs")
     if isinstance(e, hub_errors.EntryNotFoundError):
         return UserError(f"{repo_id} at {endpoint} has no file {filename}; check the name and --num_shards")
     if isinstance(e, hub_errors.HfHubHTTPError) and e.response is not None:
@@ -97,6 +105,16 @@ def hub_failure(repo_id, filename, e):
                          "again later: a rerun resumes where this one stopped")
     return UserError(f"cannot reach the hub at {endpoint} for {what} ({type(e).__name__}): check the network, or "
                      "HF_ENDPOINT if you use a mirror; a rerun resumes where this one stopped")
+
+
+def http_status(e):
+    """The HTTP status of the hub's answer behind an error, looked for down its chain of causes; None without one."""
+    while e is not None:
+        response = getattr(e, "response", None)
+        if response is not None and getattr(response, "status_code", None):
+            return response.status_code
+        e = e.__cause__ or e.__context__
+    return None
 
 
 class FileBar:

@@ -125,6 +125,14 @@ def save_sharded(state, folder):
     dcp.save(state, checkpoint_id=folder)
 
 
+def checkpoint_errors():
+    """What a sharded save or load raises for a fault on any rank: torch.distributed.checkpoint gathers them into a
+    CheckpointException, which derives from BaseException (so `except Exception` never sees it); and the rest."""
+    from torch.distributed.checkpoint.api import CheckpointException  # (slow to import: see the module's docstring)
+
+    return Exception, CheckpointException
+
+
 def load_sharded(model, optimizers, folder):
     """Fill the model and the optimizer(s) from a sharded folder, at this run's world size and layout (a single
     process without a process group reads every shard itself)."""

@@ -52,6 +52,9 @@ class HubServer(LocalServer):
     def __init__(self, root):
         self.root = str(root)
         self.status = None  # an HTTP status to answer every request with, instead of the files
+        # a status to answer the file requests alone with (the listing still served), the next `file_errors` times
+        # (None: every time), with a Retry-After header of `retry_after` seconds when set
+        self.file_status, self.file_errors, self.retry_after = None, None, None
         self.bytes_per_second = None  # throttle file bodies to this rate
         self.requests = []  # (method, path, Range header) of every request, in order
         super().__init__(self.handler())
@@ -95,6 +98,9 @@ class HubServer(LocalServer):
                 if parts[:2] == ["api", "datasets"] and len(parts) >= 6 and parts[4] == "tree":
                     return self.tree("/".join(parts[2:4]))
                 if parts[:1] == ["datasets"] and len(parts) >= 6 and parts[3] == "resolve":
+                    if server.file_status and server.file_errors != 0:
+                        server.file_errors = None if server.file_errors is None else server.file_errors - 1
+                        return self.error(server.file_status, None, "refused by the test")
                     return self.file("/".join(parts[1:3]), "/".join(parts[5:]), body)
                 self.error(404, None, "no such endpoint")
 
@@ -103,6 +109,8 @@ class HubServer(LocalServer):
                 self.send_response(status)
                 if code:
                     self.send_header("X-Error-Code", code)
+                if server.retry_after is not None:
+                    self.send_header("Retry-After", str(server.retry_after))
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()

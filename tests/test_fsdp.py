@@ -11,14 +11,20 @@ accumulation, clipping at 0.3 and --recompute): train losses within 1.5e-5 of DD
 1e-4 at the 4-decimal precision log.txt keeps. TOLERANCE leaves a few times that.
 """
 
+import argparse
+import contextlib
 import glob
+import io
 import os
 import random
+import re
+import shutil
+import subprocess
 import sys
 
 import pytest
 import torch
-from conftest import REPO, TINY_MODEL, main_output, read_log, run, shards_once
+from conftest import REPO, TINY_MODEL, main_error, main_output, read_log, run, shards_once
 from test_resume import kill9, log_bytes, logged, start, wait_until
 
 import train_gpt2
@@ -154,6 +160,97 @@ def test_kill9_under_fsdp_then_resume_is_byte_identical(data, runs, tmp_path):
     assert "resuming at step" in stdout
     assert log_bytes(log_dir) == log_bytes(reference), f"killed mid-save, then after step {k}"
     assert not glob.glob(os.path.join(log_dir, "*.tmp"))
+
+
+def interrupted_copy(reference, log_dir):
+    """The reference run's folder as a run killed after step 8's save left it: both resume points, the log up to
+    step 8, no final milestone."""
+    shutil.copytree(reference, log_dir, ignore=shutil.ignore_patterns("model_*.pt"))
+    with open(os.path.join(reference, "log.txt")) as f:
+        lines = [line for line in f if int(line.split()[0]) <= 8]
+    with open(os.path.join(log_dir, "log.txt"), "w") as f:
+        f.writelines(lines)
+
+
+def flip_a_bit(path):
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x10
+    open(path, "wb").write(bytes(data))
+
+
+def test_a_flipped_bit_in_a_shard_falls_back_to_the_resume_point_before(data, runs, tmp_path):
+    """One bit flipped mid-file in rank 1's shard of the newest resume point (issue 33: it was resumed as whole,
+    exit 0, and the final weights differed): a warning, the resume point before, and the uninterrupted run's log
+    and final weights, to the bit."""
+    reference = runs["plain", "fsdp"][0]
+    log_dir = tmp_path / "log"
+    interrupted_copy(reference, log_dir)
+    flip_a_bit(log_dir / "ckpt_00008" / "__1_0.distcp")
+    stdout = finish(train_args(data, log_dir, "--sample", "--fsdp"))
+    assert f"warning: skipping {log_dir / 'ckpt_00008'} is corrupt: __1_0.distcp does not match the checksum" in stdout
+    assert "resuming at step 4" in stdout
+    assert log_bytes(log_dir) == log_bytes(reference)
+    ours = checkpoints.load_checkpoint(str(log_dir / "model_00009.pt"))["model"]
+    theirs = checkpoints.load_checkpoint(os.path.join(reference, "model_00009.pt"))["model"]
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_any_damaged_shard_file_is_found_and_a_legacy_one_is_one_line(data, runs, tmp_path):
+    """Each file of a sharded resume point, flipped or cut in half: skipped with a warning for the one before;
+    named in one line when asked for by --resume. A folder from before the checksums, cut short: one line too
+    (torch's CheckpointException derives from BaseException, past every `except Exception`)."""
+    reference = runs["plain", "fsdp"][0]
+    for i, (name, damage) in enumerate([("__0_0.distcp", "flip"), ("__1_0.distcp", "cut"), (".metadata", "cut")]):
+        log_dir = tmp_path / f"log{i}"
+        interrupted_copy(reference, log_dir)
+        path = log_dir / "ckpt_00008" / name
+        flip_a_bit(path) if damage == "flip" else os.truncate(path, os.path.getsize(path) // 2)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            ckpt = checkpoints.find_resume_checkpoint(argparse.Namespace(resume="auto", overwrite=False,
+                                                                         log_dir=str(log_dir)), "cpu")
+        assert ckpt["step"] == 4 and f"ckpt_00008 is corrupt: {name} does not match the checksum" in out.getvalue()
+        assert "is corrupt" in main_error(train_gpt2.main, *train_args(data, tmp_path / f"new{i}", "--resume",
+                                                                         log_dir / "ckpt_00008"))
+    legacy = tmp_path / "legacy"
+    shutil.copytree(os.path.join(reference, "ckpt_00008"), legacy)
+    state = torch.load(legacy / "state.pt", weights_only=True)
+    state = {k: v for k, v in state.items() if k not in ("shard_crcs", "checksum")}
+    checkpoints.atomic_torch_save(dict(state, checksum=checkpoints.payload_crc(state)), str(legacy / "state.pt"))
+    os.truncate(legacy / "__1_0.distcp", os.path.getsize(legacy / "__1_0.distcp") // 2)
+    message = main_error(train_gpt2.main, *train_args(data, tmp_path / "from_legacy", "--resume", legacy))
+    assert "legacy: its shards are unreadable" in message and "resume from another checkpoint" in message
+
+
+def test_samples_without_hellaswag_under_fsdp_finish(data, tmp_path):
+    """Rank 0 sampled alone, and FSDP's state on rank 0 alone saw those forward passes: the ranks' next collectives
+    differed (issue 33: rank 0 in an all-gather, rank 1 in a reduce-scatter, for ever). With HellaSwag on, every
+    rank ran forward passes too and hid it. Now every rank samples under --fsdp, and rank 0 alone prints."""
+    proc = run(torchrun(train_args(data, tmp_path / "log", "--sample", "--no-hellaswag", "--fsdp"), 2), timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    samples = [line for line in proc.stdout.splitlines() if line.startswith("sample ")]
+    assert len(samples) == 3 * 4  # the evaluations at steps 4, 8 and 9, four samples each, printed once
+
+
+def test_a_full_disk_during_a_sharded_save_is_one_line_and_a_rerun_resumes(data, runs, small_disk):
+    """The second resume point does not fit (issue 33: exit 1 and no line from any rank, a ckpt_N.tmp/ left):
+    the DDP path's line, nothing half-written left, and after space is freed the same command resumes."""
+    log_dir = small_disk("60m")  # one resume point of the tiny model (about 40 MB), not two
+    args = train_args(data, log_dir, "--sample", "--fsdp")
+    proc = run(torchrun(args, 2))
+    assert proc.returncode == 1 and 'train_gpt2.py", line' not in proc.stderr, proc.stderr[-3000:]  # (torchrun's own
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("train_gpt2.py: error: ")]  # traceback is)
+    assert len(lines) == 2, proc.stderr[-3000:]  # every rank says it
+    for line in lines:
+        assert f"could not write checkpoint {log_dir / 'ckpt_00008'} (rank " in line, line
+        # torch's zip writer words a full disk as its own failure, with the space left said beside it; the OS as
+        # ENOSPC
+        assert re.search(r"(No space left on device|[\d,]+ bytes free there)\); the earlier checkpoints are intact: "
+                         r"free some space, then rerun the same command to resume$", line), line
+    assert sorted(os.listdir(log_dir)) == ["ckpt_00004", "log.txt", "train_gpt2.lock"]
+    subprocess.run(["mount", "-o", "remount,size=200m", str(log_dir)], check=True)
+    assert "resuming at step 4" in finish(args)
+    assert log_bytes(log_dir) == log_bytes(runs["plain", "fsdp"][0])
 
 
 def test_sharded_checkpoints_reshard_and_cross_over_to_ddp(data, runs, tmp_path):

@@ -6,6 +6,8 @@ TMPDIR as it found them, and a phase that cannot work fails in one line that nam
 
 import os
 import re
+import signal
+import subprocess
 import sys
 import time
 
@@ -123,6 +125,27 @@ def test_two_gloo_ranks_pass_and_measure_the_link(shards, hellaswag_dir, core_bu
     mb = float(re.search(r"link: all-reduce of ([\d.]+) MB \(this rank's gradients\)", proc.stdout).group(1))
     assert mb == pytest.approx(4 * n / 1e6 / (2 if fsdp else 1), rel=0.02)
     assert not os.path.exists(log_dir) and leftovers(tmp) == []
+
+
+def test_a_rank_killed_mid_preflight_leaves_the_others_a_line_naming_the_phase(shards, tmp_path):
+    """Rank 1 killed (SIGKILL) once the timed steps have passed: rank 0, stopped by torchrun or by the broken
+    connection, says at which phase and that another rank died (it printed gloo's traceback, or nothing)."""
+    from test_multinode import worker_of_rank
+    from test_resume import wait_until
+
+    os.makedirs(tmp_path / "tmp")
+    out_path = tmp_path / "out.txt"
+    with open(out_path, "w") as out:
+        launcher = subprocess.Popen(command(shards, tmp_path / "log", "--preflight", "--no-hellaswag", nproc=2),
+                                    stdout=out, stderr=subprocess.STDOUT, text=True,
+                                    env=dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(tmp_path / "tmp")))
+    wait_until(launcher, lambda: "preflight: steps ok" in out_path.read_text(), timeout=240)
+    os.kill(worker_of_rank(launcher, 1), signal.SIGKILL)
+    assert launcher.wait(timeout=120) != 0
+    text = out_path.read_text()
+    assert re.search(r"train_gpt2.py: error: preflight failed at [a-z ]+: (another rank died|stopped by SIGTERM: "
+                     r"torchrun stops every rank when one fails)", text), text[-3000:]
+    assert 'preflight.py", line' not in text and 'train_gpt2.py", line' not in text, text[-3000:]
 
 
 def test_no_hellaswag_file_fails_at_inputs(shards, tmp_path):
