@@ -39,6 +39,7 @@ BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip
 # is about 160 MB and holds 91,037 examples
 BUNDLE_SHA256 = "90a7c19e28ee7a52b4f6e1f87658deb9fde7f63deba2379045bdb1fe9ea5d200"
 BUNDLE_NAME = "eval_bundle.zip"
+TRUSTED_COPY = "core.py --bundle PATH, train_gpt2.py --core_bundle PATH"
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 EOT = 50256  # GPT-2's <|endoftext|>: nanochat puts it before every prompt (its BOS), and pads with it
 VOCAB = 50257  # the tokenizer's ids: logits past them (train_gpt2.py's padding to 50304) are cut off, as nanochat does
@@ -82,7 +83,8 @@ def bundle_path(bundle=None, cache_dir=None):
         if sha256(path) != BUNDLE_SHA256:
             os.remove(path)  # an error page or a changed bundle: never kept, so the next run downloads again
             raise common.UserError(f"the file downloaded from {BUNDLE_URL} is not nanochat's eval bundle (its sha256 "
-                                   f"differs; removed); try again later, or place the bundle at {path} yourself")
+                                   f"differs; removed); try again later, or score a copy you trust as it is: "
+                                   f"{TRUSTED_COPY}")
     return path, True
 
 
@@ -100,7 +102,7 @@ def read_bundle(path, official):
     a zip cut short or damaged, a missing file, an unknown task type, a line that is not JSON."""
     if official and sha256(path, os.path.getmtime(path)) != BUNDLE_SHA256:
         raise common.UserError(f"{path} is damaged (its sha256 is not that of nanochat's eval bundle); delete it, "
-                               "and it is downloaded again")
+                               f"and it is downloaded again (or score a copy you trust as it is: {TRUSTED_COPY})")
     fix = "delete it, and it is downloaded again" if official else "pass a whole eval_bundle.zip"
     try:
         with zipfile.ZipFile(path) as z:

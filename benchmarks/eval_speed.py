@@ -96,7 +96,7 @@ def core_speed(model, device, device_type, autocast, args):
     per second one item at a time (nanochat's way) and batched. The whole bundle's time is its tokens over the
     batched rate."""
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
-    from core_bundle import write_bundle
+    from core_bundle import write_bundle  # (tests/, on the path only for this: the stand-in bundle's writer)
 
     path = write_bundle(os.path.join(tempfile.mkdtemp(), "eval_bundle.zip"), n=args.core_items)
     tasks = core.rendered_tasks(path, False, None, 0, 1, model.max_len)  # tokenized outside the timings

@@ -134,6 +134,7 @@ def test_centring_and_the_mean():
     assert core.core_score(scores) == pytest.approx((1.0 + 0.0) / 2)
 
 
+@pytest.mark.slow  # the reference renders and scores 240 items one row at a time: about 8 s
 def test_scores_equal_a_plain_one_at_a_time_reference(core_bundle, enc):
     """Every task type, few-shot and zero-shot, rows cropped to a short context: batched scoring (rows of many
     items per forward, the head only where scored) gets exactly the reference's counts, and so does nanochat's
