@@ -99,14 +99,20 @@ def stopped_by_sigterm():
 
 def run(args, recipe):
     """The preflight of `args`' run; returns 0 when every phase passed (a failure raises UserError)."""
-    with stopped_by_sigterm():
-        return run_phases(args, recipe)
-
-
-def run_phases(args, recipe):
-    """run()'s body: inputs, the training phases in a temporary folder, the report."""
     real = argparse.Namespace(**vars(args))  # the run as asked for: its projections and its --log_dir
     phases = Phases(int(os.environ.get("RANK", 0)) == 0, lambda e: recipe.out_of_memory_error(real, e))
+    try:
+        with stopped_by_sigterm():
+            return run_phases(args, real, recipe, phases)
+    except AnotherRankFailed as e:  # between two phases: named by the last one that passed
+        if str(e).startswith("preflight failed"):
+            raise
+        raise AnotherRankFailed(f"preflight failed after {list(phases.seconds)[-1] if phases.seconds else 'start'}: "
+                                f"{e}") from None
+
+
+def run_phases(args, real, recipe, phases):
+    """run()'s body: inputs, the training phases in a temporary folder, the report."""
     with phases("inputs"):
         compute = recipe.compute_init(args)
         phases.device_type = compute.device_type

@@ -96,8 +96,7 @@ def hub_failure(repo_id, filename, e):
                          "set HF_TOKEN to a token with access (and accept its terms on its page), then rerun")
     if status == 429:
         return UserError(f"the hub rate-limited {what} at {endpoint} (429 too many requests), still after the "
-                         "client's retries, which wait as its Retry-After says: wait a few minutes and rerun (it "
-                         "resumes), or pass fewer --jobs")
+                         "client's retries: wait a few minutes and rerun (it resumes), or pass fewer --jobs")
     if isinstance(e, hub_errors.EntryNotFoundError):
         return UserError(f"{repo_id} at {endpoint} has no file {filename}; check the name and --num_shards")
     if isinstance(e, hub_errors.HfHubHTTPError) and e.response is not None:
