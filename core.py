@@ -15,7 +15,6 @@ The tasks come from nanochat's eval bundle, a zip downloaded once into --cache_d
 import contextlib
 import csv
 import functools
-import hashlib
 import io
 import json
 import os
@@ -80,7 +79,7 @@ def bundle_path(bundle=None, cache_dir=None):
             common.download_file(BUNDLE_URL, path)
         except common.UserError as e:
             raise common.UserError(f"{e} (or set CORE_CACHE_DIR to a folder holding {BUNDLE_NAME})") from None
-        if sha256(path) != BUNDLE_SHA256:
+        if common.file_sha256(path, os.path.getmtime(path)) != BUNDLE_SHA256:
             os.remove(path)  # an error page or a changed bundle: never kept, so the next run downloads again
             raise common.UserError(f"the file downloaded from {BUNDLE_URL} is not nanochat's eval bundle (its sha256 "
                                    f"differs; removed); try again later, or score a copy you trust as it is: "
@@ -88,19 +87,10 @@ def bundle_path(bundle=None, cache_dir=None):
     return path, True
 
 
-@functools.lru_cache(maxsize=None)
-def sha256(path, mtime=None):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def read_bundle(path, official):
     """The bundle's tasks (core.yaml's order) and their examples as {label: [item, ...]}. Every fault is one line:
     a zip cut short or damaged, a missing file, an unknown task type, a line that is not JSON."""
-    if official and sha256(path, os.path.getmtime(path)) != BUNDLE_SHA256:
+    if official and common.file_sha256(path, os.path.getmtime(path)) != BUNDLE_SHA256:
         raise common.UserError(f"{path} is damaged (its sha256 is not that of nanochat's eval bundle); delete it, "
                                f"and it is downloaded again (or score a copy you trust as it is: {TRUSTED_COPY})")
     fix = "delete it, and it is downloaded again" if official else "pass a whole eval_bundle.zip"

@@ -13,7 +13,6 @@ next to this file).
 
 import contextlib
 import functools
-import hashlib
 import json
 import os
 import sys
@@ -65,13 +64,9 @@ def not_the_real_val_set(cache_dir=None):
     path = os.path.join(cache_dir or default_cache_dir(), "hellaswag_val.jsonl")
     if not os.path.exists(path):
         return None
-    if os.path.getsize(path) == REAL_VAL_FILE[0]:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() == REAL_VAL_FILE[1]:
-            return None
+    if os.path.getsize(path) == REAL_VAL_FILE[0] and \
+            common.file_sha256(path, os.path.getmtime(path)) == REAL_VAL_FILE[1]:
+        return None
     return f"{path} is not HellaSwag's own val file (its size or sha256 differs): accuracies on it do not compare " \
            "with published ones"
 

@@ -9,6 +9,7 @@ Nothing in this file is part of the GPT-2 recipe; train_gpt2.py can be read with
 import argparse
 import fcntl
 import functools
+import hashlib
 import math
 import os
 import shutil
@@ -140,6 +141,17 @@ def atomic_write(path, write):
         if os.path.lexists(tmp):
             os.remove(tmp)
         raise
+
+
+@functools.lru_cache(maxsize=None)
+def file_sha256(path, mtime=None):
+    """The sha256 of a file's bytes, as hex. Cached: pass the file's mtime for a copy replaced since to be read
+    again."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def download_file(url, path, chunk_size=1 << 20):
