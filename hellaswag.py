@@ -327,4 +327,4 @@ def main(argv=None):
 if __name__ == "__main__":
     # train_gpt2 (which a .pt model needs) imports this file by name: let it find this copy, not load a second
     sys.modules.setdefault("hellaswag", sys.modules[__name__])
-    main()
+    common.run_main(main)

@@ -1572,7 +1572,7 @@ def main(argv=None):
         if dist.is_initialized() and not isinstance(e, common.AnotherRankFailed):  # (that one knows already)
             runtime.tell_other_ranks(str(e))
         if e.exit_code != 1:  # 3: the run diverged (common.RunDiverged), which a restart loop should not rerun
-            print(f"train_gpt2.py: error: {e}", file=sys.stderr)
+            print(f"train_gpt2.py: error: {e}\n", end="", file=sys.stderr, flush=True)  # one write
             sys.exit(e.exit_code)
         sys.exit(f"train_gpt2.py: error: {e}")
     except KeyboardInterrupt:  # Ctrl-C before training began: nothing to save
@@ -1582,4 +1582,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

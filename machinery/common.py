@@ -240,3 +240,17 @@ def exit_with_parent(what):
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="exit_with_parent").start()
+
+
+def run_main(main):
+    """main() as a process, its exit message written in one write. Python writes `sys.exit("...")`'s message and
+    its newline apart, and with PYTHONUNBUFFERED two ranks sharing torchrun's stderr splice their lines into one;
+    one write of under 4 KiB to a pipe is never split."""
+    try:
+        main()
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        sys.stderr.write(e.code + "\n")
+        sys.stderr.flush()
+        raise SystemExit(1) from None

@@ -3,6 +3,8 @@
 import os
 import re
 import shutil
+import socket
+import subprocess
 import sys
 
 import nbformat
@@ -229,6 +231,25 @@ def test_missing_hellaswag_offline_and_corrupt_shard_in_a_real_process(tmp_path,
     (tmp_path / "bad" / "edufineweb_train_000009.npy").write_bytes(b"\x93NUMPY garbage")
     proc = run_script("train_gpt2.py", *base, "--data_dir", tmp_path / "bad", "--no-hellaswag")
     assert_one_line_error(proc, "edufineweb_train_000009.npy is unreadable", "rerun `python fineweb.py`")
+
+
+@pytest.mark.parametrize("script", ["train_gpt2.py", "core.py", "hellaswag.py"])
+def test_an_exit_message_is_one_write_so_ranks_never_splice_it(script, tmp_path):
+    """Python writes sys.exit("...")'s message and its newline apart; unbuffered, two ranks sharing torchrun's stderr
+    once printed "...to resumetrain_gpt2.py: error: ..." (a CI run of the full-disk FSDP test). The scripts that run
+    under torchrun write the line whole. A SOCK_SEQPACKET socket as stderr keeps each write() a message of its own."""
+    argv = {"train_gpt2.py": ["--data_dir", tmp_path / "none", "-B", 1, "-T", 32, "--total_batch_size", 32],
+            "core.py": ["-m", tmp_path / "none.pt"], "hellaswag.py": ["-m", tmp_path / "none.pt"]}[script]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", CORE_CACHE_DIR=str(tmp_path), HELLASWAG_CACHE_DIR=str(tmp_path))
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with ours, theirs:
+        proc = subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, argv)], stderr=theirs, env=env,
+                              stdout=subprocess.DEVNULL, timeout=120)
+        theirs.close()
+        writes = list(iter(lambda: ours.recv(1 << 16).decode(), ""))
+    assert proc.returncode == 1
+    assert writes and writes[-1].startswith(f"{script}: error: ") and writes[-1].count("\n") == 1 \
+        and writes[-1].endswith("\n"), writes[-3:]
 
 
 @pytest.mark.parametrize("script, argv, needle", [
