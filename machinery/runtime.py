@@ -57,6 +57,11 @@ def exit_when_another_rank_fails(what):
                 if stop.wait(0.5):
                     return
             message = store.get(RANK_ERROR_KEY).decode()
+            # a failure every rank meets at once (a full disk in a sharded save): this rank's own line may be a
+            # moment behind the other's; let it say its own
+            if stop.wait(1.0) or _told_others:
+                store = None
+                return
         except Exception:  # no store to watch (not started by torchrun), or it is gone: torchrun ends the ranks
             store = None  # closed here, not during the interpreter's shutdown
             return

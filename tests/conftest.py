@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 
 import numpy as np
@@ -62,17 +61,31 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); run with `pytest -m cuda`")
     config.addinivalue_line("markers",
                             "slow: whole training runs and long sweeps; `pytest -m \"not slow\"` leaves them out")
-    # one compile cache for the whole run, shared by pytest-xdist's workers (they inherit this environment) and
-    # every process they start: a graph compiled by one test is loaded, not compiled again, by the next; a fresh
-    # folder each run, so that no run depends on what an earlier one left
+    # one compile cache, shared by pytest-xdist's workers (they inherit this environment) and every process they
+    # start: a graph compiled by one test is loaded, not compiled again, by the next, and by the next run (as torch
+    # keeps its own in /tmp/torchinductor_$USER; its keys hold the graph, the flags and torch's version). For a cold
+    # run, point TORCHINDUCTOR_CACHE_DIR at an empty folder.
     if "PYTEST_XDIST_WORKER" not in os.environ and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        config.inductor_cache = tempfile.mkdtemp(prefix="gpt2-tests-inductor-")
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = config.inductor_cache
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = suite_compile_cache()
+
+
+def suite_compile_cache(limit_bytes=2 << 30):
+    """The suite's own compile cache folder, emptied once it holds more than `limit_bytes` (graphs of trees
+    long gone): about 100 MB fill it per run of a new tree's graphs."""
+    folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gpt2-repro-tests",
+                          "inductor")
+    held = 0
+    for d, _, files in os.walk(folder):
+        for f in files:
+            with contextlib.suppress(OSError):  # (removed meanwhile by a run beside this one)
+                held += os.path.getsize(os.path.join(d, f))
+    if held > limit_bytes:
+        shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder, exist_ok=True)
+    return folder
 
 
 def pytest_unconfigure(config):
-    if getattr(config, "inductor_cache", None):
-        shutil.rmtree(config.inductor_cache, ignore_errors=True)
     if config.getoption("--write-durations") and "PYTEST_XDIST_WORKER" not in os.environ and TEST_SECONDS:
         with open(DURATIONS, "w") as f:
             json.dump({k: round(v, 1) for k, v in sorted(TEST_SECONDS.items())}, f, indent=0)
