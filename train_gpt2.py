@@ -1572,11 +1572,11 @@ def main(argv=None):
         if dist.is_initialized() and not isinstance(e, common.AnotherRankFailed):  # (that one knows already)
             runtime.tell_other_ranks(str(e))
         if e.exit_code != 1:  # 3: the run diverged (common.RunDiverged), which a restart loop should not rerun
-            print(f"train_gpt2.py: error: {e}\n", end="", file=sys.stderr, flush=True)  # one write
+            common.print_line(f"train_gpt2.py: error: {e}")
             sys.exit(e.exit_code)
         sys.exit(f"train_gpt2.py: error: {e}")
     except KeyboardInterrupt:  # Ctrl-C before training began: nothing to save
-        print("train_gpt2.py: interrupted before training began", file=sys.stderr)
+        common.print_line("train_gpt2.py: interrupted before training began")
         sys.exit(128 + signal.SIGINT)
     sys.exit(code)
 

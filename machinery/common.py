@@ -242,15 +242,20 @@ def exit_with_parent(what):
     threading.Thread(target=watch, daemon=True, name="exit_with_parent").start()
 
 
+def print_line(line):
+    """`line` and its newline to stderr in one write. Ranks share torchrun's stderr, and with PYTHONUNBUFFERED two
+    writes each (print's, or Python's own for `sys.exit("...")`) splice their lines into one; one write of under
+    4 KiB to a pipe is never split."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def run_main(main):
-    """main() as a process, its exit message written in one write. Python writes `sys.exit("...")`'s message and
-    its newline apart, and with PYTHONUNBUFFERED two ranks sharing torchrun's stderr splice their lines into one;
-    one write of under 4 KiB to a pipe is never split."""
+    """main() as a process, its exit message written in one write (print_line)."""
     try:
         main()
     except SystemExit as e:
         if not isinstance(e.code, str):
             raise
-        sys.stderr.write(e.code + "\n")
-        sys.stderr.flush()
+        print_line(e.code)
         raise SystemExit(1) from None

@@ -5,7 +5,6 @@ together when one of them fails alone.
 
 import atexit
 import os
-import sys
 import threading
 import time
 from datetime import timedelta
@@ -13,7 +12,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from machinery.common import UserError
+from machinery.common import UserError, print_line
 
 RANK_ERROR_KEY = "train_gpt2.py/error"
 RANK_ACK_KEY = "train_gpt2.py/error_read"  # how many of the other ranks have printed the message
@@ -60,12 +59,11 @@ def exit_when_another_rank_fails(what):
             # a failure every rank meets at once (a full disk in a sharded save): this rank's own line may be a
             # moment behind the other's; let it say its own
             if stop.wait(1.0) or _told_others:
-                store = None
                 return
         except Exception:  # no store to watch (not started by torchrun), or it is gone: torchrun ends the ranks
             store = None  # closed here, not during the interpreter's shutdown
             return
-        print(f"{what}: stopping, another rank failed: {message}\n", end="", file=sys.stderr, flush=True)  # one write
+        print_line(f"{what}: stopping, another rank failed: {message}")
         try:
             store.add(RANK_ACK_KEY, 1)  # said: the failed rank may exit now
         except Exception:

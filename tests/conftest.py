@@ -71,7 +71,7 @@ def pytest_configure(config):
 
 def suite_compile_cache(limit_bytes=2 << 30):
     """The suite's own compile cache folder, emptied once it holds more than `limit_bytes` (graphs of trees
-    long gone): about 100 MB fill it per run of a new tree's graphs."""
+    long gone): a whole run's graphs took about 25 MB."""
     folder = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "gpt2-repro-tests",
                           "inductor")
     held = 0
