@@ -88,8 +88,16 @@ def bundle_path(bundle=None, cache_dir=None):
 
 
 def read_bundle(path, official):
-    """The bundle's tasks (core.yaml's order) and their examples as {label: [item, ...]}. Every fault is one line:
-    a zip cut short or damaged, a missing file, an unknown task type, a line that is not JSON."""
+    """The bundle's tasks (core.yaml's order) and their examples as {label: (item, ...)}. Every fault is one line:
+    a zip cut short or damaged, a missing file, an unknown task type, a line that is not JSON. Parsed once per
+    file: core.py checks the data before it loads the model, then scores it."""
+    stat = os.stat(path)
+    return parsed_bundle(path, official, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def parsed_bundle(path, official, mtime_ns, size):
+    """read_bundle's work; a file replaced at the same path (another mtime or size) is read again."""
     if official and common.file_sha256(path, os.path.getmtime(path)) != BUNDLE_SHA256:
         raise common.UserError(f"{path} is damaged (its sha256 is not that of nanochat's eval bundle); delete it, "
                                f"and it is downloaded again (or score a copy you trust as it is: {TRUSTED_COPY})")
@@ -101,7 +109,7 @@ def read_bundle(path, official):
             meta = csv.DictReader(io.StringIO(z.read(root + "eval_meta_data.csv").decode("utf-8")))
             baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in meta}
             tasks = [parse_task(t, baselines, path) for t in config["icl_tasks"]]
-            return tasks, {t.label: read_task_file(z, root, t, path) for t in tasks}
+            return tuple(tasks), {t.label: tuple(read_task_file(z, root, t, path)) for t in tasks}
     except (zipfile.BadZipFile, zlib.error, OSError, EOFError) as e:  # EOFError, zlib: a member damaged
         raise common.UserError(f"{path} is not a whole zip ({common.first_line(e)}); {fix}") from None
     except (yaml.YAMLError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:

@@ -235,6 +235,12 @@ def test_the_reference_of_the_models_own_size():
 
 def test_damaged_bundles_are_one_line(tmp_path, core_bundle):
     whole = open(core_bundle, "rb").read()
+    replaced = tmp_path / "replaced.zip"
+    replaced.write_bytes(whole)
+    first = core.read_bundle(str(replaced), False)
+    assert core.read_bundle(str(replaced), False) is first  # parsed once: core.py checks it, then scores it
+    replaced.write_bytes(whole[:len(whole) // 2])  # a damaged copy put in its place is read again, and refused
+    assert "replaced.zip is not a whole zip" in main_error(core.main, "--bundle", replaced)
     (tmp_path / "cut.zip").write_bytes(whole[:len(whole) // 2])
     assert "cut.zip is not a whole zip" in main_error(core.main, "--bundle", tmp_path / "cut.zip")
     missing = write_bundle(tmp_path / "missing.zip", drop="schema_two")
