@@ -762,6 +762,8 @@ def end_process_group(run):
     run.model = run.raw_model
     gc.collect()  # (the DDP module may sit in reference cycles)
     dist.destroy_process_group()
+    if run.args.fsdp:  # the group outlives this call (see skip_teardown_at_exit)
+        common.skip_teardown_at_exit()
 
 
 def share_step_results(compute, loss_accum, stop, timed):

@@ -250,12 +250,34 @@ def print_line(line):
     sys.stderr.flush()
 
 
+_skip_teardown = False  # set by skip_teardown_at_exit: run_main ends the process without Python's teardown
+
+
+def skip_teardown_at_exit():
+    """Once main() returns, end the process at once (its output flushed) instead of tearing the interpreter
+    down. For objects torch keeps beyond our reach whose C++ destructors abort when run during that teardown:
+    under FSDP, DTensor's caches keep the device mesh, and with it gloo's process group and worker threads, alive
+    after destroy_process_group; freeing them as the interpreter ends aborted a finished rank now and then
+    ("terminate called without an active exception", exit -6), and torchrun called the run failed."""
+    global _skip_teardown
+    _skip_teardown = True
+
+
 def run_main(main):
     """main() as a process, its exit message written in one write (print_line)."""
     try:
         main()
+        code = 0
     except SystemExit as e:
-        if not isinstance(e.code, str):
+        if isinstance(e.code, str):
+            print_line(e.code)
+            code = 1
+        elif not _skip_teardown:
             raise
-        print_line(e.code)
-        raise SystemExit(1) from None
+        else:
+            code = e.code or 0
+    if not _skip_teardown:
+        raise SystemExit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

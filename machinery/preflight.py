@@ -29,7 +29,7 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from machinery import checkpoints, sharding, speed
+from machinery import checkpoints, common, sharding, speed
 from machinery.common import AnotherRankFailed, UserError, first_line
 from machinery.runtime import synchronize
 
@@ -136,6 +136,8 @@ def run_phases(args, real, recipe, phases):
             dist.barrier()  # every rank is done with the folder before rank 0 deletes it
             gc.collect()  # the runs' DDP reducers go before their process group (train_gpt2.end_process_group)
             dist.destroy_process_group()
+            if args.fsdp:  # the group outlives this call (see common.skip_teardown_at_exit)
+                common.skip_teardown_at_exit()
     finally:
         if compute.master:
             shutil.rmtree(folder, ignore_errors=True)
