@@ -748,6 +748,8 @@ def stop_run(run, step, saved, stop_signals):
     # the line and its newline in one write: every rank prints this at the same moment, often to one file
     print(f"rank {compute.rank}: stopped at step {step} on {signal.Signals(signum).name}"
           + (f", saved {saved}" if saved else "") + "; run the same command again to resume\n", end="", flush=True)
+    if run.wandb is not None:  # ended here, not by wandb's own exit hook: an FSDP rank skips the interpreter's exit
+        run.wandb.finish(exit_code=128 + signum)
     if compute.ddp:
         end_process_group(run)
     return 128 + signum
