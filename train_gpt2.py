@@ -16,7 +16,6 @@ Nothing runs at import time; `main()` does the work.
 import argparse
 import contextlib
 import datetime
-import gc
 import glob
 import inspect
 import math
@@ -762,10 +761,7 @@ def end_process_group(run):
     a worker thread freeing the barrier's tensors, which needs the GIL (torch's issue 56297): seen as a rank of a
     finished run that never exited."""
     run.model = run.raw_model
-    gc.collect()  # (the DDP module may sit in reference cycles)
-    dist.destroy_process_group()
-    if run.args.fsdp:  # the group outlives this call (see skip_teardown_at_exit)
-        common.skip_teardown_at_exit()
+    runtime.end_process_group(run.args.fsdp)
 
 
 def share_step_results(compute, loss_accum, stop, timed):

@@ -265,19 +265,16 @@ def skip_teardown_at_exit():
 
 def run_main(main):
     """main() as a process, its exit message written in one write (print_line)."""
+    code = 0
     try:
         main()
-        code = 0
     except SystemExit as e:
-        if isinstance(e.code, str):
-            print_line(e.code)
+        code = e.code
+        if isinstance(code, str):
+            print_line(code)
             code = 1
-        elif not _skip_teardown:
-            raise
-        else:
-            code = e.code or 0
-    if not _skip_teardown:
-        raise SystemExit(code)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    if _skip_teardown:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code or 0)
+    raise SystemExit(code)

@@ -29,9 +29,9 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from machinery import checkpoints, common, sharding, speed
+from machinery import checkpoints, sharding, speed
 from machinery.common import AnotherRankFailed, UserError, first_line
-from machinery.runtime import synchronize
+from machinery.runtime import end_process_group, synchronize
 
 TIMED_STEPS = 3  # after the first step, which compiles
 RESUME_STEPS = 2  # the first checks the weights and data position, the second the optimizer's moments
@@ -134,10 +134,7 @@ def run_phases(args, real, recipe, phases):
             print_report(report, real, phases, recipe.duration)
         if compute.ddp:
             dist.barrier()  # every rank is done with the folder before rank 0 deletes it
-            gc.collect()  # the runs' DDP reducers go before their process group (train_gpt2.end_process_group)
-            dist.destroy_process_group()
-            if args.fsdp:  # the group outlives this call (see common.skip_teardown_at_exit)
-                common.skip_teardown_at_exit()
+            end_process_group(args.fsdp)
     finally:
         if compute.master:
             shutil.rmtree(folder, ignore_errors=True)

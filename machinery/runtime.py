@@ -4,6 +4,7 @@ together when one of them fails alone.
 """
 
 import atexit
+import gc
 import os
 import threading
 import time
@@ -12,7 +13,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from machinery.common import UserError, print_line
+from machinery.common import UserError, print_line, skip_teardown_at_exit
 
 RANK_ERROR_KEY = "train_gpt2.py/error"
 RANK_ACK_KEY = "train_gpt2.py/error_read"  # how many of the other ranks have printed the message
@@ -79,6 +80,17 @@ def exit_when_another_rank_fails(what):
         thread.join(timeout=5)
 
     atexit.register(end_watch)
+
+
+def end_process_group(sharded):
+    """The process group's end, once every rank is past its last collective; the DDP modules that hold it are
+    collected first (they may sit in reference cycles). Under FSDP the group outlives destroy_process_group
+    (DTensor's caches keep the device mesh), so the process then ends without the interpreter's teardown
+    (skip_teardown_at_exit)."""
+    gc.collect()
+    dist.destroy_process_group()
+    if sharded:
+        skip_teardown_at_exit()
 
 
 def check_restartable():
